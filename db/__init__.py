@@ -1,0 +1,1 @@
+"""Storage: the SQLAlchemy identity store and its queries. Knows nothing of networks."""

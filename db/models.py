@@ -1,0 +1,125 @@
+"""The identity store, as DICOM has it: patient (ID + issuer) > study > series > instance.
+
+Patient ID is unique only together with its issuer (PS3.3 C.7.1.1), so a patient
+row is keyed by both; an absent issuer is stored as '' so the unique constraint
+works the same on SQLite and PostgreSQL (NULLs never collide in SQL).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesState(str, enum.Enum):
+    """Where a series is in its life; the pipeline's work queue is `stable`."""
+
+    receiving = "receiving"    # instances still arriving
+    stable = "stable"          # quiet for stable_after_s: queued for the pipeline
+    processing = "processing"  # claimed by a worker
+    done = "done"              # embedded (and linked)
+    failed = "failed"          # the pipeline gave up; reason recorded
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    # (0010,0021) Issuer of Patient ID, or else the Universal Entity ID of (0010,0024).
+    issuer: Mapped[str] = mapped_column(String(128), default="")
+    issuer_qualifiers: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    other_patient_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    name: Mapped[str | None] = mapped_column(String(324), nullable=True)
+    birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    study_time: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Demographics as this study carried them: registration differs between
+    # sites and years, and linkage compares them per study.
+    patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient_age: Mapped[str | None] = mapped_column(String(4), nullable=True)
+    # Instances of this study that arrived under another Patient ID/issuer.
+    conflicting_instances: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    body_part: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    state: Mapped[SeriesState] = mapped_column(
+        Enum(SeriesState, name="series_state", native_enum=False, length=16),
+        default=SeriesState.receiving,
+        index=True,
+    )
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # Relative to the storage directory, so the store can be moved.
+    path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="instances")

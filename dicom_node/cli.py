@@ -1,0 +1,142 @@
+"""`dicom-node` command line: serve, import, db upgrade, status, and the synthetic-data tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.node import configure_logging, serve
+
+    settings = _settings(args)
+    configure_logging(settings)
+    return serve(settings)
+
+
+def _dicom_files(paths: list[Path]):
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from dicom_node.node import build, configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings)
+    ingestor = build(settings).ingestor
+    stored = duplicates = failed = 0
+    for path in _dicom_files(args.paths):
+        if not path.exists():
+            print(f"{path}: no such file or directory", file=sys.stderr)
+            failed += 1
+            continue
+        result = ingestor.ingest_file(path, calling_ae=args.ae_title)
+        if result.ok:
+            duplicates += result.duplicate
+            stored += not result.duplicate
+        else:
+            failed += 1
+            print(f"{path}: not stored (0x{result.status:04X}): {result.reason}", file=sys.stderr)
+    print(f"stored {stored}, already present {duplicates}, failed {failed}")
+    return 1 if failed else 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from db.engine import make_engine
+    from db.migrate import current_revision, upgrade
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url, settings.database.sqlite_synchronous)
+    upgrade(engine)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from db.engine import make_engine
+    from db.migrate import current_revision, head_revision
+    from db.store import IdentityStore
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url, settings.database.sqlite_synchronous)
+    revision = current_revision(engine)
+    if revision != head_revision():
+        print(f"database is at revision {revision or 'none'}, not {head_revision()}: "
+              "run `dicom-node db upgrade`", file=sys.stderr)
+        return 2
+    counts = IdentityStore(engine).counts()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"patients   {counts['patients']}")
+    print(f"studies    {counts['studies']}")
+    print("series     " + ", ".join(f"{state} {n}" for state, n in counts["series"].items()))
+    print(f"instances  {counts['instances']}")
+    print(f"bytes      {counts['bytes']} ({counts['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML settings file (default: ./node.toml if present, else built-in defaults)")
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("serve", help="run the DICOM node (migrates the database first)").set_defaults(
+        handler=cmd_serve)
+
+    importer = commands.add_parser("import", help="ingest DICOM files or folders as if sent by C-STORE")
+    importer.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    importer.add_argument("--ae-title", default="IMPORT", help="recorded as the calling AE (default IMPORT)")
+    importer.set_defaults(handler=cmd_import)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(
+        handler=cmd_db_upgrade)
+
+    status = commands.add_parser("status", help="counts of patients, studies, series, instances, bytes")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(handler=cmd_status)
+
+    try:
+        from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
+    except ImportError:
+        add_synth_subcommands = None
+    if add_synth_subcommands is not None:
+        add_synth_subcommands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"dicom-node: configuration error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a clear message, not a traceback, for operators
+        logging.getLogger("dicom_node").debug("fatal error", exc_info=True)
+        print(f"dicom-node: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,146 @@
+"""Typed settings, read from TOML and validated in one place.
+
+Every key in `node.toml` maps to a field here; an unknown key or a wrong value
+stops start-up with a message naming the key (pydantic does the checking).
+Relative paths are resolved against the directory of the config file, so the
+node behaves the same whatever the working directory is.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG = Path("node.toml")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    ae_title: str = Field("LINKNODE", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(4_194_304, ge=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_phi: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_chars(cls, value: str) -> str:
+        if not value.strip() or "\\" in value or any(ord(c) < 32 for c in value):
+            raise ValueError("AE title must be 1-16 printable characters, no backslash")
+        return value.strip()
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/node.db"
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class StorageSettings(_Section):
+    dir: Path = Path("var/storage")
+    fsync: bool = True
+    duplicate_policy: Literal["reject", "replace"] = "reject"
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+
+
+class SeriesSettings(_Section):
+    stable_after_s: float = Field(30.0, gt=0)
+    check_interval_s: float = Field(5.0, gt=0)
+
+
+class PeerSettings(_Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    hosts: list[str] = Field(default_factory=list)
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @field_validator("cert_file", "key_file", "ca_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == "" else value
+
+
+class SecuritySettings(_Section):
+    require_known_ae: bool = True
+    peers: list[PeerSettings] = Field(default_factory=list)
+    tls: TLSSettings = TLSSettings()
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    series: SeriesSettings = SeriesSettings()
+    security: SecuritySettings = SecuritySettings()
+    # Directory that relative paths were resolved against.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.resolve(self.storage.dir)
+
+    @property
+    def database_url(self) -> str:
+        """The database URL, with a relative SQLite path made absolute."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+            return prefix + str(self.resolve(Path(url[len(prefix):])))
+        return url
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown setting '{key}'")
+        else:
+            lines.append(f"setting '{key}': {item['msg']}")
+    return "; ".join(lines)
+
+
+def settings_from_dict(data: dict, base_dir: Path | None = None) -> Settings:
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+    return settings.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve()})
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the config; without a path, `node.toml` if present, else defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return settings_from_dict({})
+        path = DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    if "base_dir" in data:
+        raise ConfigError("unknown setting 'base_dir'")
+    return settings_from_dict(data, base_dir=path.resolve().parent)

@@ -1,0 +1,75 @@
+"""Wiring: settings -> database, file store, ingestor, listener, scheduler."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from db.engine import make_engine
+from db.migrate import upgrade
+from db.store import IdentityStore
+from dicom_node.config import Settings
+from dicom_node.filestore import FileStore
+from dicom_node.ingest import Ingestor
+
+log = logging.getLogger("dicom_node")
+
+
+@dataclass
+class Components:
+    engine: Engine
+    store: IdentityStore
+    files: FileStore
+    ingestor: Ingestor
+
+
+def build(settings: Settings, migrate: bool = True) -> Components:
+    engine = make_engine(settings.database_url, settings.database.sqlite_synchronous)
+    if migrate:
+        upgrade(engine)
+    store = IdentityStore(engine)
+    files = FileStore(settings.storage_dir, fsync=settings.storage.fsync,
+                      min_free_bytes=settings.storage.min_free_bytes)
+    ingestor = Ingestor(files, store, settings.storage.duplicate_policy, settings.node.log_phi)
+    return Components(engine, store, files, ingestor)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.node.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom's own INFO/DEBUG output can dump identifiers from requests.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if settings.node.log_phi and settings.node.log_level == "DEBUG" else logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def serve(settings: Settings, ready: threading.Event | None = None) -> int:
+    """Migrate, start the listener and the scheduler, run until SIGINT/SIGTERM."""
+    from dicom_node.scheduler import mark_quiet_series_stable, start_scheduler
+    from dicom_node.scp import StorageSCP
+
+    parts = build(settings)
+    stray = parts.files.clear_partial_writes()
+    if stray:
+        log.info("removed %d partial writes left by an earlier stop (none was acknowledged)", stray)
+    mark_quiet_series_stable(parts.store, settings.series.stable_after_s)
+    scp = StorageSCP(settings, parts.ingestor)
+    scp.start()
+    scheduler = start_scheduler(parts.store, settings.series)
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"dicom-node {settings.node.ae_title} listening on {settings.node.host}:{scp.port}", flush=True)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.info("stopping: finishing open associations")
+    scp.stop()
+    scheduler.shutdown(wait=True)
+    parts.engine.dispose()
+    return 0

@@ -1,0 +1,102 @@
+"""Where a C-STORE lands: the pynetdicom application entity and its event handlers.
+
+The handlers only translate between DIMSE and `Ingestor`; all decisions about
+an instance are made in `dicom_node.ingest`, the same code `import` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Settings
+from dicom_node.ingest import Ingestor
+from dicom_node.security import AccessPolicy, server_tls_context
+
+log = logging.getLogger("dicom_node.scp")
+
+
+def handle_echo(event) -> int:
+    return 0x0000
+
+
+def make_store_handler(ingestor: Ingestor):
+    def handle_store(event) -> int | Dataset:
+        request = event.request
+        result = ingestor.ingest(
+            event.encoded_dataset(include_meta=False),
+            event.context.transfer_syntax,
+            sop_class=request.AffectedSOPClassUID,
+            sop_instance=request.AffectedSOPInstanceUID,
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+        )
+        if result.ok:
+            return 0x0000
+        status = Dataset()
+        status.Status = int(result.status)
+        status.ErrorComment = result.reason[:64]  # LO: 64 characters at most
+        return status
+
+    return handle_store
+
+
+def make_ae(settings: Settings) -> AE:
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    # A large PDU lets senders ship an instance in a few PDUs instead of
+    # hundreds of 16 kB ones; pure-Python PDU handling is the cost that matters.
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.network_timeout = node.network_timeout_s
+    ae.acse_timeout = min(30.0, node.network_timeout_s)
+    ae.dimse_timeout = node.network_timeout_s
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+class StorageSCP:
+    """The node's DICOM listener: C-ECHO and C-STORE, allow-list, optional TLS."""
+
+    def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
+        self.settings = settings
+        self.ae = make_ae(settings)
+        self.policy = AccessPolicy(settings.security)
+        self.handlers = [
+            (evt.EVT_REQUESTED, self.policy.on_requested),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, make_store_handler(ingestor)),
+        ]
+        self.tls = server_tls_context(settings.security.tls, settings)
+        self.server = None
+
+    def start(self) -> None:
+        node = self.settings.node
+        self.server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=self.handlers, ssl_context=self.tls
+        )
+        log.info("listening as %s on %s:%s%s", node.ae_title, node.host, self.port, " (TLS)" if self.tls else "")
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.settings.node.port
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let open associations finish, then abort stragglers.
+
+        An aborted C-STORE was never acknowledged, so the sender still owns it.
+        """
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server = None
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
