@@ -40,7 +40,9 @@ class IdentityStore:
         """Insert (or replace) the instance row and its patient/study/series; commit.
 
         Concurrent associations may create the same patient, study or series at
-        once; the loser of such a race retries against the winner's rows.
+        once; the loser of such a race retries against the winner's rows. Rows
+        that are updated are read FOR UPDATE (PostgreSQL; SQLite has one writer)
+        so counters are never lost.
         """
         for attempt in range(3):
             try:
@@ -54,7 +56,7 @@ class IdentityStore:
     def _record(self, session: Session, received: Received) -> None:
         header, stored, now = received.header, received.stored, received.received_at
         patient = self._patient(session, header, now)
-        study = session.scalars(select(Study).where(Study.study_uid == header.study_uid)).first()
+        study = session.scalars(select(Study).where(Study.study_uid == header.study_uid).with_for_update()).first()
         if study is None:
             study = Study(
                 study_uid=header.study_uid, patient=patient, created_at=now,
@@ -69,7 +71,9 @@ class IdentityStore:
             # The study stays with the patient it arrived under first; linkage reads this.
             study.conflicting_instances += 1
 
-        series = session.scalars(select(Series).where(Series.series_uid == header.series_uid)).first()
+        series = session.scalars(
+            select(Series).where(Series.series_uid == header.series_uid).with_for_update()
+        ).first()
         if series is None:
             series = Series(
                 series_uid=header.series_uid, study=study, modality=header.modality,
@@ -89,7 +93,7 @@ class IdentityStore:
             session.add(instance)
             series.instance_count += 1
         elif instance.series_pk != series.id:
-            old = session.get(Series, instance.series_pk)
+            old = session.get(Series, instance.series_pk, with_for_update=True)
             old.instance_count -= 1
             old.total_bytes -= instance.size
             instance.series = series
@@ -114,6 +118,7 @@ class IdentityStore:
         key = header.patient
         patient = session.scalars(
             select(Patient).where(Patient.patient_id == key.patient_id, Patient.issuer == key.issuer)
+            .with_for_update()
         ).first()
         if patient is None:
             patient = Patient(patient_id=key.patient_id, issuer=key.issuer, created_at=now)

@@ -96,7 +96,8 @@ class StorageSCP:
         self.server.shutdown()
         self.server = None
         deadline = time.monotonic() + grace_s
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Connections that never sent an A-ASSOCIATE-RQ (port probes) are not waited for.
+        while any(a.is_established for a in self.ae.active_associations) and time.monotonic() < deadline:
             time.sleep(0.1)
         for assoc in self.ae.active_associations:
             assoc.abort()
