@@ -212,3 +212,15 @@ def test_logs_do_not_show_patient_ids_or_names(start_node):
     assert "stored" in log
     assert str(ds.PatientID) not in log
     assert str(ds.PatientName).split("^")[0] not in log
+
+
+def test_associations_beyond_the_maximum_are_rejected_and_served_after(start_node):
+    node = start_node(node={"max_associations": 1})
+    first = associate(node, [(Verification, None)])
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    second = ae.associate("127.0.0.1", node.port, ae_title="LINKNODE")
+    assert second.is_rejected
+    assert first.send_c_echo().Status == 0x0000
+    first.release()
+    assert echo(node.port)
