@@ -156,7 +156,8 @@ class IdentityStore:
                 "studies": session.scalar(select(func.count()).select_from(Study)),
                 "series": {state.value: by_state.get(state, 0) for state in SeriesState},
                 "instances": session.scalar(select(func.count()).select_from(Instance)),
-                "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))),
+                # int(): PostgreSQL sums BIGINT to NUMERIC, which arrives as Decimal.
+                "bytes": int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0)))),
             }
 
 

@@ -96,7 +96,7 @@ class FileStore:
         except OSError as error:
             temp.unlink(missing_ok=True)
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(error.errno, str(error)) from None
+                raise OutOfSpace(error.errno, error.strerror or "no space left on device") from None
             raise
 
     def _make_dirs(self, directory: Path) -> list[Path]:

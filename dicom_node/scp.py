@@ -7,10 +7,13 @@ an instance are made in `dicom_node.ingest`, the same code `import` uses.
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
 import time
 
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Settings
@@ -42,6 +45,37 @@ def make_store_handler(ingestor: Ingestor):
         return status
 
     return handle_store
+
+
+class HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's server, with the TLS handshake moved out of the accept loop.
+
+    pynetdicom completes the handshake in the single thread that accepts
+    connections, so one peer that connects and says nothing stalls every
+    other sender. Here the handshake runs in the connection's own thread,
+    with a time limit.
+    """
+
+    handshake_timeout_s = 30.0
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request, client_address) -> None:
+        if self.ssl_context:
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (OSError, ssl.SSLError) as error:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], error)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 def make_ae(settings: Settings) -> AE:
@@ -77,9 +111,14 @@ class StorageSCP:
 
     def start(self) -> None:
         node = self.settings.node
-        self.server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=self.handlers, ssl_context=self.tls
+        self.server = self.ae.make_server(
+            (node.host, node.port), evt_handlers=self.handlers, ssl_context=self.tls,
+            server_class=HandshakeInThreadServer,
         )
+        self.server.handshake_timeout_s = min(30.0, node.network_timeout_s)
+        # What AE.start_server(block=False) does, with our server class.
+        threading.Thread(target=self.server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        self.ae._servers.append(self.server)  # shutdown() removes it from there
         log.info("listening as %s on %s:%s%s", node.ae_title, node.host, self.port, " (TLS)" if self.tls else "")
 
     @property

@@ -162,6 +162,8 @@ class RunningNode:
 
     def start(self, wait: bool = True) -> RunningNode:
         self.log_path = self.config_path.with_suffix(".log")
+        # Readiness is judged on what this start writes, not on an earlier run's lines.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "--config", str(self.config_path), "serve"],
@@ -178,7 +180,7 @@ class RunningNode:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
-            if f"listening on 127.0.0.1:{self.port}" in self.log():
+            if f"listening on 127.0.0.1:{self.port}" in self.log()[self._log_offset:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"node did not answer within {timeout}s:\n{self.log()}")
