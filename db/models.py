@@ -15,9 +15,12 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -101,9 +104,23 @@ class Series(Base):
         index=True,
     )
     state_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Work queue bookkeeping (pipeline). A claim is a lease: a worker that dies
+    # leaves a stale claim that another worker may take over after it expires.
+    claim_token: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The router's decision for this series: which identity network (if any) embeds it.
+    route: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    route_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    route_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    route_findings: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    embedding: Mapped[Embedding | None] = relationship(back_populates="series")
 
 
 class Instance(Base):
@@ -123,3 +140,20 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Embedding(Base):
+    """One identity embedding per series; re-processing replaces it."""
+
+    __tablename__ = "embedding"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), unique=True)
+    route: Mapped[str] = mapped_column(String(32), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian, L2-normalized
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="embedding")

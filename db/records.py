@@ -60,3 +60,34 @@ class Received:
     stored: StoredFile
     calling_ae: str | None
     received_at: datetime
+
+
+@dataclass(frozen=True)
+class SeriesWork:
+    """A claimed series, as the imaging pipeline needs it."""
+
+    series_pk: int
+    series_uid: str
+    claim_token: str
+    attempts: int
+    modality: str | None
+    body_part: str | None
+    paths: list[str]  # relative to the storage directory, in instance-number order
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    route: str                 # e.g. "chest_xr", or "other"
+    confidence: float
+    source: str                # "image+header", "header", "image"
+    findings: list[str] = field(default_factory=list)
+    linkable: bool = True      # False: stored but not linked (other / low confidence)
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    route: str
+    model_name: str
+    model_version: str
+    vector: bytes              # float32 little endian, L2-normalized
+    dim: int

@@ -59,6 +59,29 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_process(args: argparse.Namespace) -> int:
+    from dicom_node.node import build, configure_logging, make_worker
+
+    settings = _settings(args)
+    configure_logging(settings)
+    parts = build(settings)
+    if args.stable_now:
+        from db.store import utcnow
+
+        parts.store.mark_stable(utcnow())
+    worker = make_worker(settings, parts.engine)
+    if parts.engine.dialect.name == "sqlite":
+        worker.queue.release_claims()  # embedded store: no other process holds claims
+    if args.retry_failed:
+        print(f"re-queued {worker.queue.retry_failed()} failed series")
+    stats = worker.run_until_idle()
+    per_series = 1000 * stats.seconds / stats.done if stats.done else 0.0
+    routes = ", ".join(f"{route} {n}" for route, n in sorted(stats.by_route.items())) or "none"
+    print(f"processed {stats.done} series ({routes}); failed {stats.failed}; "
+          f"to retry later {stats.retried}; {per_series:.0f} ms per series")
+    return 1 if stats.failed else 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from db.engine import make_engine
     from db.migrate import current_revision, upgrade
@@ -108,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     importer.add_argument("--ae-title", default="IMPORT", help="recorded as the calling AE (default IMPORT)")
     importer.set_defaults(handler=cmd_import)
+
+    process = commands.add_parser("process", help="run the imaging pipeline on queued series in the foreground")
+    process.add_argument("--until-idle", action="store_true", required=True,
+                         help="process until no series is ready, then exit")
+    process.add_argument("--stable-now", action="store_true",
+                         help="treat every series still receiving as stable at once (batch use, tests)")
+    process.add_argument("--retry-failed", action="store_true", help="re-queue failed series first")
+    process.set_defaults(handler=cmd_process)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

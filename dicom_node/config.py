@@ -78,6 +78,24 @@ class TLSSettings(_Section):
         return None if value == "" else value
 
 
+class PipelineSettings(_Section):
+    # Run the pipeline workers inside `serve` (off: only `dicom-node process` embeds).
+    enabled: bool = True
+    workers: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    # Trained weights and model cards, one folder per route (see models/weights/README.md).
+    weights_dir: Path = Path("models/weights")
+    # Below this router confidence a series is stored but not linked.
+    min_route_confidence: float = Field(0.5, ge=0, le=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_base_delay_s: float = Field(30.0, ge=0)
+    lease_s: float = Field(600.0, gt=0)
+    # Optional enhancement steps per route, e.g. {chest_xr = ["clahe"]};
+    # steps: "clahe", "denoise", "edges".
+    enhance: dict[str, list[Literal["clahe", "denoise", "edges"]]] = Field(default_factory=dict)
+
+
 class SecuritySettings(_Section):
     require_known_ae: bool = True
     peers: list[PeerSettings] = Field(default_factory=list)
@@ -90,6 +108,7 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     series: SeriesSettings = SeriesSettings()
     security: SecuritySettings = SecuritySettings()
+    pipeline: PipelineSettings = PipelineSettings()
     # Directory that relative paths were resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

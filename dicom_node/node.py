@@ -38,6 +38,45 @@ def build(settings: Settings, migrate: bool = True) -> Components:
     return Components(engine, store, files, ingestor)
 
 
+def make_worker(settings: Settings, engine: Engine):
+    """A pipeline worker; loads the models (torch is imported only here)."""
+    from db.queue import WorkQueue
+    from dicom_node.worker import RetryPolicy, Worker
+    from models.pipeline import SeriesPipeline
+
+    pipeline_settings = settings.pipeline
+    pipeline = SeriesPipeline(pipeline_settings, settings.resolve(pipeline_settings.weights_dir))
+    retry = RetryPolicy(pipeline_settings.max_attempts, pipeline_settings.retry_base_delay_s)
+    return Worker(WorkQueue(engine, pipeline_settings.lease_s), pipeline, settings.storage_dir, retry,
+                  pipeline_settings.batch_size)
+
+
+def start_workers(settings: Settings, engine: Engine, stop: threading.Event) -> list[threading.Thread]:
+    """Pipeline workers inside `serve`. Models load in the worker thread, so the
+    DICOM listener answers at once."""
+
+    if engine.dialect.name == "sqlite":
+        from db.queue import WorkQueue
+
+        released = WorkQueue(engine).release_claims()
+        if released:
+            log.info("%d series claimed before the last stop were put back in the queue", released)
+
+    def run() -> None:
+        try:
+            worker = make_worker(settings, engine)
+        except Exception:
+            log.exception("pipeline could not start; series stay queued")
+            return
+        worker.run_forever(stop)
+
+    threads = [threading.Thread(target=run, name=f"pipeline-{n}", daemon=True)
+               for n in range(settings.pipeline.workers if settings.pipeline.enabled else 0)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.node.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,8 +99,9 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> int:
     scp = StorageSCP(settings, parts.ingestor)
     scp.start()
     scheduler = start_scheduler(parts.store, settings.series)
-
     stop = threading.Event()
+    workers = start_workers(settings, parts.engine, stop)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     print(f"dicom-node {settings.node.ae_title} listening on {settings.node.host}:{scp.port}", flush=True)
@@ -71,5 +111,7 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> int:
     log.info("stopping: finishing open associations")
     scp.stop()
     scheduler.shutdown(wait=True)
+    for worker in workers:
+        worker.join(timeout=60)
     parts.engine.dispose()
     return 0

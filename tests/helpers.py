@@ -86,6 +86,8 @@ def node_config(tmp_path: Path, db_url: str | None = None, **sections) -> dict:
         "database": {"url": db_url or f"sqlite:///{tmp_path / 'node.db'}"},
         "storage": {"dir": str(tmp_path / "storage")},
         "series": {"stable_after_s": 2.0, "check_interval_s": 0.5},
+        # Most tests are about the network edge; those about the pipeline switch it on.
+        "pipeline": {"enabled": False},
         "security": {"require_known_ae": True,
                      "peers": [{"ae_title": ae, "hosts": ["127.0.0.1"]}
                                for ae in ("STORESCU", "ECHOSCU", "FINDSCU", "PYNETDICOM", "TESTSCU")]},

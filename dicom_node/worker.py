@@ -1,0 +1,105 @@
+"""Pipeline workers: claim stable series, run load -> normalize -> route -> embed, store the result.
+
+The imaging itself is `models.pipeline`; this module only moves plain data
+between the work queue (`db.queue`) and the pipeline, and decides retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from db.queue import WorkQueue
+from db.records import SeriesWork
+from models.errors import SeriesError
+
+log = logging.getLogger("dicom_node.worker")
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 3
+    base_delay_s: float = 30.0
+
+    def delay(self, attempts: int) -> float | None:
+        """Seconds until the next try, or None to give up (exponential backoff)."""
+        if attempts >= self.max_attempts:
+            return None
+        return self.base_delay_s * 2 ** (attempts - 1)
+
+
+@dataclass
+class RunStats:
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    seconds: float = 0.0
+    by_route: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, queue: WorkQueue, pipeline, storage_dir: Path, retry: RetryPolicy | None = None,
+                 batch_size: int = 8) -> None:
+        self.queue = queue
+        self.pipeline = pipeline
+        self.storage_dir = storage_dir
+        self.retry = retry or RetryPolicy()
+        self.batch_size = batch_size
+
+    def run_once(self, stats: RunStats | None = None) -> int:
+        """Claim and process one batch; return how many series were claimed."""
+        stats = stats or RunStats()
+        batch = self.queue.claim(self.batch_size)
+        for work in batch:
+            self._process(work, stats)
+        return len(batch)
+
+    def _process(self, work: SeriesWork, stats: RunStats) -> None:
+        started = time.perf_counter()
+        try:
+            decision, embedding = self.pipeline.process(work, self.storage_dir)
+        except SeriesError as error:
+            self._failed(work, error.reason, error.permanent, stats)
+            return
+        except Exception as error:  # one poison series must never stop the worker
+            log.exception("series %s: unexpected pipeline error", work.series_uid)
+            self._failed(work, f"{type(error).__name__}: {error}", False, stats)
+            return
+        self.queue.complete(work, decision, embedding)
+        stats.done += 1
+        stats.by_route[decision.route] = stats.by_route.get(decision.route, 0) + 1
+        stats.seconds += time.perf_counter() - started
+        log.info("series %s: route %s (%.2f, %s)%s in %.0f ms", work.series_uid, decision.route,
+                 decision.confidence, decision.source, "" if embedding else ", not embedded",
+                 1000 * (time.perf_counter() - started))
+
+    def _failed(self, work: SeriesWork, reason: str, permanent: bool, stats: RunStats) -> None:
+        delay = None if permanent else self.retry.delay(work.attempts)
+        self.queue.fail(work, reason, delay)
+        if delay is None:
+            stats.failed += 1
+            log.warning("series %s failed: %s", work.series_uid, reason)
+        else:
+            stats.retried += 1
+            log.warning("series %s failed (attempt %d), retry in %.0f s: %s",
+                        work.series_uid, work.attempts, delay, reason)
+
+    def run_until_idle(self) -> RunStats:
+        """Process until nothing is claimable now (series waiting for a retry are left)."""
+        stats = RunStats()
+        while self.run_once(stats):
+            pass
+        return stats
+
+    def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                claimed = self.run_once()
+            except Exception:  # the database may be briefly unavailable; keep the worker alive
+                log.exception("worker loop error")
+                claimed = 0
+            if not claimed:
+                stop.wait(poll_s)
