@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -149,12 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(handler=cmd_status)
 
-    try:
-        from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
-    except ImportError:
-        add_synth_subcommands = None
-    if add_synth_subcommands is not None:
-        add_synth_subcommands(commands)
+    add_synth_subcommands(commands)
     return parser
 
 
