@@ -69,14 +69,17 @@ def test_storescu_to_embeddings_with_a_known_route_for_every_series(start_node, 
     node = start_node(series={"stable_after_s": 1.0, "check_interval_s": 0.3},
                       pipeline={"enabled": True, "workers": 1, "device": "cpu", "retry_base_delay_s": 0.5,
                                 "max_attempts": 2})
+    # -R: propose exactly the SOP classes found (DCMTK 3.6.7 does not propose
+    # Dermoscopic Photography by default).
     for folder in (cohort, tmp_path / "broken"):
-        run = subprocess.run([storescu, "+sd", "+r", "-aec", "LINKNODE", "127.0.0.1", str(node.port), str(folder)],
+        run = subprocess.run([storescu, "+sd", "+r", "+sp", "*.dcm", "-R", "-aec", "LINKNODE", "127.0.0.1", str(node.port), str(folder)],
                              capture_output=True, text=True, env={"TCP_NODELAY": "1"}, timeout=300)
         assert run.returncode == 0, run.stderr
     expected = truth_routes(cohort)
     db_url = node.settings.database_url
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
+        assert "pipeline could not start" not in node.log(), node.log()
         rows = series_rows(db_url)
         if len(rows) == len(expected) + 1 and all(s.state in (SeriesState.done, SeriesState.failed)
                                                   for s, _ in rows.values()):
@@ -109,7 +112,8 @@ def test_two_workers_on_postgresql_never_process_a_series_twice(cohort, tmp_path
     config = write_toml(tmp_path / "node.toml",
                         node_config(tmp_path, db_url, pipeline={"device": "cpu", "batch_size": 2}))
     cli = [sys.executable, "-m", "dicom_node", "--config", str(config)]
-    assert subprocess.run([*cli, "import", str(cohort)], capture_output=True, timeout=300).returncode == 0
+    files = [str(path) for path in sorted(cohort.rglob("*.dcm"))]
+    assert subprocess.run([*cli, "import", *files], capture_output=True, timeout=300).returncode == 0
     workers = [subprocess.Popen([*cli, "process", "--until-idle", "--stable-now"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
