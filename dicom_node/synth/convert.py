@@ -130,7 +130,8 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
         skey = (pid, key)
         if skey not in studies:
             secs = 8 * 3600 + _h(seed, pid, key) % 36000
-            st = {"study_uid": uid(seed, "convert-study", pid, key), "series_uid": uid(seed, "convert-series", pid, key),
+            st = {"study_uid": uid(seed, "convert-study", pid, key),
+                  "series_uid": uid(seed, "convert-series", pid, key),
                   "patient_id": pid, "date": date.strftime("%Y%m%d"),
                   "time": f"{secs // 3600:02d}{secs // 60 % 60:02d}{secs % 60:02d}",
                   "accession": f"IMP{_h(seed, 'acc', pid, key) % 10 ** 8:08d}", "n": 0, "images": []}
@@ -157,7 +158,8 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
         if sop == "sc":
             specific += [("ConversionType", "WSD")]
         sop_uid = uid(seed, "convert-sop", pid, image)
-        inst = Instance(common, SOP_CLASSES["CR" if sop == "cr" else "SC"], sop_uid, specific, pixels, photometric, bits)
+        inst = Instance(common, SOP_CLASSES["CR" if sop == "cr" else "SC"], sop_uid, specific, pixels,
+                        photometric, bits)
         rel = Path(safe_component(pid)) / st["study_uid"] / st["series_uid"]
         try:
             SeriesEncoder(common).write(out / rel / f"{st['n']:04d}.dcm", inst)
@@ -166,19 +168,25 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
         files += 1
         st["images"].append(image)
         records.append({"row": line, "image": image, "patient_id": pid, "study_uid": st["study_uid"],
-                        "series_uid": st["series_uid"], "sop_uid": sop_uid, "path": (rel / f"{st['n']:04d}.dcm").as_posix()})
+                        "series_uid": st["series_uid"], "sop_uid": sop_uid,
+                        "path": (rel / f"{st['n']:04d}.dcm").as_posix()})
     truth = {
         "format": "dicom-node-convert-truth/1", "manifest": manifest.name, "issuer": issuer,
-        "persons": [{"person_id": p, "patient_ids": {issuer: p}} for p in sorted({s["patient_id"] for s in studies.values()})],
+        "persons": [{"person_id": p, "patient_ids": {issuer: p}}
+                    for p in sorted({s["patient_id"] for s in studies.values()})],
         "studies": [{"study_uid": s["study_uid"], "person_id": s["patient_id"], "patient_id": s["patient_id"],
                      "issuer": issuer, "modality": "cxr", "dicom_modality": "CR" if sop == "cr" else "OT",
                      "date": s["date"], "series_uids": [s["series_uid"]], "images": s["images"],
                      "series": [{"series_uid": s["series_uid"], "n_instances": s["n"],
-                                 "path": (Path(safe_component(s["patient_id"])) / s["study_uid"] / s["series_uid"]).as_posix()}]}
+                                 "path": (Path(safe_component(s["patient_id"])) / s["study_uid"]
+                                          / s["series_uid"]).as_posix()}]}
                     for s in studies.values()],
         "series": {s["series_uid"]: s["patient_id"] for s in studies.values()},
         "errors": [], "rows": records,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "truth.json").write_text(json.dumps(truth, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "truth.json").write_text(json.dumps(truth, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConvertError(f"cannot write {out / 'truth.json'}: {exc}", 1) from exc
     return {"files": files, "patients": len(truth["persons"]), "studies": len(studies), "skipped": skipped}

@@ -94,7 +94,8 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     if f["breast"] and zi.size:
         sl = slice(zi[0], zi[-1] + 1)
         for side in (-1, 1):
-            bd = ((X - side * 8 * s) / f["breast"]) ** 2 + ((Y + dep[sl] - 1.5) / (0.8 * f["breast"])) ** 2 + ((Z[sl] + 10) / 6) ** 2
+            bd = (((X - side * 8 * s) / f["breast"]) ** 2 + ((Y + dep[sl] - 1.5) / (0.8 * f["breast"])) ** 2
+                  + ((Z[sl] + 10) / 6) ** 2)
             _put(hu[sl], bd < 1, -40)
     rib_r = rho / cage
     inner = rib_r < 0.94
@@ -112,7 +113,8 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     for k, side in enumerate((-1, 1)):
         cx = side * 0.5 * f["a"] * cage
         pr = polar_radius(np.arctan2(Y, X - cx), f["lung_coeffs"][k]) ** 2
-        lr2 = ((X - cx) ** 2 / pr) * (1 / (0.52 * wid * cage) ** 2) + ((Y - 0.05 * f["b"]) ** 2 / pr) * (1 / (0.88 * dep * cage) ** 2)
+        lr2 = (((X - cx) ** 2 / pr) * (1 / (0.52 * wid * cage) ** 2)
+               + ((Y - 0.05 * f["b"]) ** 2 / pr) * (1 / (0.88 * dep * cage) ** 2))
         lungs |= (lr2 < 1) & (side * X > 0.3)
     lungs &= inner & chest & above
     hz, hy, hx, hry, hrx, hrz, hang = f["heart"]
@@ -132,7 +134,8 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     za = Z < f["arch_z"]
     vessels = (((X - f["desc_x"]) ** 2 + (Y - (spine_y - 2.3)) ** 2 < f["aorta_r"] ** 2) & za)
     vessels |= ((X + 1.0) ** 2 + (Y + 2.5) ** 2 < (1.1 * f["aorta_r"]) ** 2) & za & (Z > hz + 3)
-    vessels |= (np.abs(np.sqrt(((X - 0.5) / 1.8) ** 2 + (Y / 3.0) ** 2) - 1) * 1.8 < f["aorta_r"]) & (np.abs(Z - f["arch_z"]) < f["aorta_r"])
+    arch = np.abs(np.sqrt(((X - 0.5) / 1.8) ** 2 + (Y / 3.0) ** 2) - 1) * 1.8 < f["aorta_r"]
+    vessels |= arch & (np.abs(Z - f["arch_z"]) < f["aorta_r"])
     vessels |= ((X + 3.0) ** 2 + (Y + 1.0) ** 2 < 1.0) & (Z > hz + 2) & (Z < f["apex"] + 1)
     _put(hu, vessels & (rho < 1), cont)
     ty_ = Y - (spine_y - 4.5)
@@ -156,7 +159,8 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     _put(hu, vert & disc, 90)
     cy_ = Y - spine_y - f["vert_r"]
     canal = (X2 + (cy_ - 0.9) ** 2) < 0.8
-    post = (((np.abs(X) - 1.3) ** 2 + (cy_ - 1.6) ** 2 / 0.5 < 1) | ((X / 0.5) ** 2 + ((cy_ - 3.2) / 1.2) ** 2 < 1)) & ~canal
+    post = (((np.abs(X) - 1.3) ** 2 + (cy_ - 1.6) ** 2 / 0.5 < 1)
+            | ((X / 0.5) ** 2 + ((cy_ - 3.2) / 1.2) ** 2 < 1)) & ~canal
     _put(hu, post, 500)
     _put(hu, post & disc, 60)
     _put(hu, canal & (rho < 1), 20)
@@ -165,7 +169,8 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     liver = (~above) & (rib_r < 0.95) & ~vert & ~post
     _put(hu, liver, 35)
     _put(hu, liver & (X < 2), 60 + 0.3 * cont)
-    stomach = liver & (((X - 6 * s) / 3.5) ** 2 + ((Y + 2) / 3.0) ** 2 + ((Z - f["dome_l"] + 3) / 3.0) ** 2 < 1) & (X >= 2)
+    stomach = (((X - 6 * s) / 3.5) ** 2 + ((Y + 2) / 3.0) ** 2 + ((Z - f["dome_l"] + 3) / 3.0) ** 2 < 1)
+    stomach &= liver & (X >= 2)
     _put(hu, stomach, 20)
     _put(hu, stomach & (Y < -2.5), -950)
     for gz, gy, gx, gr in f["granulomas"]:
@@ -193,7 +198,7 @@ def render_volume(f, p, proto, vendor, nz, ny, nx, r):
     if p["ecg"]:
         for k in range(3):
             _put(hu, ((X - (-5 + 5 * k)) ** 2 + (Y + dep - 0.2) ** 2 + (Z + 5 * k - 6) ** 2) < 0.3, 1800)
-    curve = p["ty"] + f["b"] * 1.06 + 0.3 + 0.004 * Xd ** 2 * (1 + vendor["table"])
+    curve = p["ty"] + f["b"] * 1.04 + 0.3 - 0.006 * Xd ** 2 * (1 + 0.5 * vendor["table"])
     _put(hu, (Yd > curve) & (Yd < curve + 0.5 + 0.3 * vendor["table"]), 150 - 400 * (vendor["table"] == 2))
     sharp = proto["kernel"]
     sig = 0.25 if sharp else 0.6

@@ -15,8 +15,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .common import (blob, fourier_coeffs, inverse_affine, pixel_grid, polar_radius,
-                     raster_polylines, rng_for, sample_field, sigmoid, soft_inside)
+from .common import (
+    blob,
+    fourier_coeffs,
+    inverse_affine,
+    pixel_grid,
+    polar_radius,
+    raster_polylines,
+    rng_for,
+    sample_field,
+    sigmoid,
+    soft_inside,
+)
 from .dicom_writer import SOP_CLASSES, Instance, code_item, dicom_window, uid
 from .plan import VENDORS, series_attrs
 
@@ -220,7 +230,8 @@ def render(f, tpl, p, rows, cols, spacing, r) -> np.ndarray:
         A += 4.0 * blob(by, bx, f["shoulder_y"] - 1, side * (f["torso_w"] + 1.5), 2.6, 2.6, edge=0.05)
     if f["breast"]:
         for side in (-1, 1):
-            A += 3.0 * blob(by, bx, f["lungs"][0]["dome"] - 2, side * 9.5 * s, f["breast"], f["breast"] * 1.2, edge=0.25)
+            A += 3.0 * blob(by, bx, f["lungs"][0]["dome"] - 2, side * 9.5 * s, f["breast"], f["breast"] * 1.2,
+                            edge=0.25)
     if dis["kind"] in ("consolidation", "fibrosis", "nodule") and sev > 0:
         L = f["lungs"][0 if dis["side"] < 0 else 1]
         cy, cx = L["cy"] + dis["loc"][0] * L["ry"], L["cx"] + dis["loc"][1] * L["rx"] * 0.6 * L["side"]
@@ -337,7 +348,7 @@ def render_studies(cfg, persons, person, draw, studies):
         ]
         if vendor["modality"] == "DX":
             specific += [("PresentationIntentType", "FOR PRESENTATION"), ("DetectorType", "SCINTILLATOR"),
-                         ("PixelIntensityRelationship", "LOG"), ("PixelIntensityRelationshipSign", -1 if mono1 else 1),
+                         ("PixelIntensityRelationship", "LOG"), ("PixelIntensityRelationshipSign", 1 if mono1 else -1),
                          ("ImageLaterality", "U"), ("AnatomicRegionSequence", [code_item("816094009", "SCT", "Chest")])]
         common = series_attrs(cfg, st, person, 0, "CHEST")
         yield st, 0, Instance(common, SOP_CLASSES[vendor["modality"]], uid(cfg.seed, "sop", st["key"], 0, 1),

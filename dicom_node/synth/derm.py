@@ -14,8 +14,21 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from .common import (affine_window, bandpass_field, blob, fourier_coeffs, inverse_affine, pixel_grid, polar_radius,
-                     raster_polylines, rng_for, sample_field, sigmoid, smooth_field, soft_inside)
+from .common import (
+    affine_window,
+    bandpass_field,
+    blob,
+    fourier_coeffs,
+    inverse_affine,
+    pixel_grid,
+    polar_radius,
+    raster_polylines,
+    rng_for,
+    sample_field,
+    sigmoid,
+    smooth_field,
+    soft_inside,
+)
 from .dicom_writer import SOP_CLASSES, Instance, code_item, uid
 from .plan import VENDORS, series_attrs
 
@@ -29,7 +42,8 @@ def person_features(d, person) -> dict:
     f = {"skin": skin * (1 + 0.03 * d.std(size=3)), "tone": tone,
          "r0": d.uniform(2.2, 4.5), "ecc": d.uniform(0.75, 1.0), "angle": d.uniform(0, math.pi),
          "shape": fourier_coeffs(d, 8, d.uniform(0.03, 0.12), decay=0.8),
-         "light": np.array([0.62, 0.42, 0.28]) * (1 + 0.08 * d.std()), "dark": np.array([0.30, 0.17, 0.10]) * (1 + 0.15 * d.std()),
+         "light": np.array([0.62, 0.42, 0.28]) * (1 + 0.08 * d.std()),
+         "dark": np.array([0.30, 0.17, 0.10]) * (1 + 0.15 * d.std()),
          "center_dark": d.uniform(-0.4, 0.6), "net_scale": d.uniform(0.6, 1.2), "net_strength": d.uniform(0.2, 0.6),
          "site": d.choice(BODY_SITES), "hair": d.uniform(0, 1)}
     f["net"] = bandpass_field(d.sub("net"), (160, 160), 1.0, 2.2)
@@ -38,8 +52,8 @@ def person_features(d, person) -> dict:
     f["furrow_angle"] = d.uniform(0, math.pi)
     g = d.sub("dots")
     n_dots = int(g.integers(3, 30))
-    f["dots"] = [(g.normal(0, 0.55), g.normal(0, 0.55), g.uniform(0.08, 0.25), g.uniform(0.3, 1.0), int(g.integers(0, 5)))
-                 for _ in range(29)][:n_dots]
+    f["dots"] = [(g.normal(0, 0.55), g.normal(0, 0.55), g.uniform(0.08, 0.25), g.uniform(0.3, 1.0),
+                  int(g.integers(0, 5))) for _ in range(29)][:n_dots]
     regress, has_regress = (d.normal(0, 0.4), d.normal(0, 0.4), d.uniform(0.12, 0.3)), d.chance(0.3)
     f["regress"] = regress if has_regress else None
     g = d.sub("satellites")
@@ -52,7 +66,8 @@ def person_features(d, person) -> dict:
 
 def visit_params(r, st, vendor, n) -> dict:
     pol = st["protocol"]["polarized"]
-    return dict(rot=r.normal(0, 35) * n, fov=(18 + r.uniform(-3, 4) * n), tx=r.normal(0, 1.2) * n, ty=r.normal(0, 1.2) * n,
+    return dict(rot=r.normal(0, 35) * n, fov=(18 + r.uniform(-3, 4) * n), tx=r.normal(0, 1.2) * n,
+                ty=r.normal(0, 1.2) * n,
                 tint=np.asarray(vendor["tint"]) * (1 + r.normal(0, 0.05, 3) * n), bright=1 + r.uniform(-0.2, 0.15) * n,
                 gamma=1 + r.uniform(-0.15, 0.2) * n, blur=r.uniform(0, 1.2) * n, noise=0.008 + r.uniform(0, 0.015) * n,
                 vignette=0.15 + r.uniform(0, 0.3) * n, polarized=pol, bubbles=(not pol) and r.random() < 0.6,
@@ -66,8 +81,8 @@ def render(f, p, rows, cols, round_scope, r) -> np.ndarray:
     by, bx = inverse_affine(y, x, p["rot"], 1.0, p["ty"], p["tx"])
     v = p["visit"]
     fa = f["furrow_angle"]
-    fu = sample_field(f["furrow"], math.cos(fa) * by - math.sin(fa) * bx, (math.sin(fa) * by + math.cos(fa) * bx) * 0.35,
-                      EXT, EXT, cval=0.0)
+    fu = sample_field(f["furrow"], math.cos(fa) * by - math.sin(fa) * bx,
+                      (math.sin(fa) * by + math.cos(fa) * bx) * 0.35, EXT, EXT, cval=0.0)
     pores = np.abs(sample_field(f["net"], bx * 1.7, by * 1.7, EXT, EXT))
     skin = f["skin"] * (1 - 0.06 * sigmoid(-np.abs(fu) * 4 + 1.5)[..., None] - 0.04 * (pores < 0.05)[..., None])
     skin = skin * (1 - p["redness"]) + p["redness"] * np.array([0.9, 0.35, 0.35])
@@ -80,7 +95,6 @@ def render(f, p, rows, cols, round_scope, r) -> np.ndarray:
             img[w] = img[w] * (1 - m * dark) + m * dark * f["light"]
     grow = 1 + f["growth"] * v
     r0 = f["r0"] * grow
-    rr = np.hypot(by, bx)
     ca, sa = math.cos(f["angle"]), math.sin(f["angle"])
     u, w = ca * bx + sa * by, -sa * bx + ca * by
     theta = np.arctan2(w, u * f["ecc"])

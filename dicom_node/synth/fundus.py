@@ -14,8 +14,17 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from .common import (affine_window, blob, inverse_affine, pixel_grid, raster_polylines, rng_for, sample_field,
-                     smooth_field, soft_inside)
+from .common import (
+    affine_window,
+    blob,
+    inverse_affine,
+    pixel_grid,
+    raster_polylines,
+    rng_for,
+    sample_field,
+    smooth_field,
+    soft_inside,
+)
 from .dicom_writer import SOP_CLASSES, Instance, code_item, uid
 from .plan import VENDORS, series_attrs
 
@@ -92,7 +101,8 @@ def templates(f, n):
 
 
 def person_features(d, person) -> dict:
-    f = {"eyes": [eye_features(d.sub("eye", e), e) for e in (+1, -1)], "chor": smooth_field(d.sub("choroid"), (96, 96), 1.5)}
+    f = {"eyes": [eye_features(d.sub("eye", e), e) for e in (+1, -1)],
+         "chor": smooth_field(d.sub("choroid"), (96, 96), 1.5)}
     return f
 
 
@@ -114,7 +124,8 @@ def render_eye(f, chor, tpl, p, rows, cols, r) -> np.ndarray:
     disc = blob(by, bx, dy, dx, ry * 1.1, rx, edge=0.06)
     cup = blob(by, bx, dy, dx + 0.05 * eye, ry * f["cup"] * 1.1, rx * f["cup"], edge=0.15)
     disc_col = np.array([0.95, 0.72, 0.45]) + 0.05 * cup[..., None]
-    img = base * (1 - disc[..., None]) + disc[..., None] * (disc_col * (1 - cup[..., None]) + cup[..., None] * np.array([1.0, 0.9, 0.72]))
+    inside = disc_col * (1 - cup[..., None]) + cup[..., None] * np.array([1.0, 0.9, 0.72])
+    img = base * (1 - disc[..., None]) + disc[..., None] * inside
     if f["nevus"]:
         ny, nx, nr = f["nevus"]
         img *= (1 - 0.35 * blob(by, bx, ny, nx * eye, nr, nr * 1.3, edge=0.2))[..., None]
@@ -140,7 +151,8 @@ def render_eye(f, chor, tpl, p, rows, cols, r) -> np.ndarray:
     img = img * (1 - 0.75 * art) + 0.75 * art * np.array([0.78, 0.16, 0.08])
     img *= np.asarray(p["tint"])[None, None, :]
     rr = np.hypot(y, x) / p["radius"]
-    ill = p["bright"] * (1 - p["vignette"] * rr ** 2) * (1 + p["grad"] * (np.cos(p["grad_dir"]) * x + np.sin(p["grad_dir"]) * y) / p["radius"])
+    slope = (np.cos(p["grad_dir"]) * x + np.sin(p["grad_dir"]) * y) / p["radius"]
+    ill = p["bright"] * (1 - p["vignette"] * rr ** 2) * (1 + p["grad"] * slope)
     img = img * ill[..., None] + p["haze"] * np.array([0.5, 0.45, 0.5])
     if p["lash"]:
         img *= (1 - 0.5 * soft_inside(y / p["radius"] + 0.75 + 0.1 * np.sin(x * 2), 0.05))[..., None]

@@ -28,7 +28,8 @@ CONTRAST = {
 }
 SEQ = {
     "T1": dict(ScanningSequence="SE", SequenceVariant="SP", RepetitionTime="550", EchoTime="9", FlipAngle="90"),
-    "T2": dict(ScanningSequence="SE", SequenceVariant=["SK", "SP"], RepetitionTime="4500", EchoTime="95", FlipAngle="150"),
+    "T2": dict(ScanningSequence="SE", SequenceVariant=["SK", "SP"], RepetitionTime="4500", EchoTime="95",
+               FlipAngle="150"),
     "FLAIR": dict(ScanningSequence=["SE", "IR"], SequenceVariant=["SK", "SP", "MP"], RepetitionTime="9000",
                   EchoTime="85", FlipAngle="150", InversionTime="2500"),
 }
@@ -36,7 +37,8 @@ SEQ = {
 
 def person_features(d, person) -> dict:
     s = float(np.clip(d.normal(1.0, 0.04), 0.9, 1.1)) * (1.02 if person.sex == "M" else 0.97)
-    f = {"s": s, "axes": (7.2 * s * (1 + 0.04 * d.std()), 9.3 * s * (1 + 0.04 * d.std()), 8.0 * s * (1 + 0.04 * d.std())),
+    f = {"s": s,
+         "axes": (7.2 * s * (1 + 0.04 * d.std()), 9.3 * s * (1 + 0.04 * d.std()), 8.0 * s * (1 + 0.04 * d.std())),
          "shape": fourier_coeffs(d, 5, 0.025), "tilt": 0.04 * d.std(), "scalp": 0.5 + 0.12 * d.std(),
          "skull": 0.75 + 0.12 * d.std(), "csf": 0.25 + 0.06 * d.std(), "sulc_depth": 1.6 + 0.2 * d.std(),
          "vent": (1 + 0.18 * d.std(), 0.15 * d.std(), 0.25 * d.std()),    # size, asymmetry, shift y
@@ -137,12 +139,14 @@ def tissue_volume(f, p, nz, n):
     ls = lab[sub]
     cr, ch, cz = f["cereb"]
     cer = ((x / cr) ** 2 + ((y - 4.2) / (0.65 * cr)) ** 2 + ((z - cz) / ch) ** 2) < 1
-    ls[cer] = np.where(np.abs(sample_field3(f["folia"], z[cer] * 1.5, y[cer] * 1.5, x[cer] * 0.5, (8, 8, 8))) < 0.12, 4, 5)
+    folia = sample_field3(f["folia"], z[cer] * 1.5, y[cer] * 1.5, x[cer] * 0.5, (8, 8, 8))
+    ls[cer] = np.where(np.abs(folia) < 0.12, 4, 5)
     ls[cer & (((x / (0.45 * cr)) ** 2 + ((y - 4.0) / 1.5) ** 2 + ((z - cz) / (0.6 * ch)) ** 2) < 1)] = 6
     ls[(x ** 2 + ((y - 1.4) / 1.2) ** 2 < 1.3) & (z < -1.5) & (z > cz - 4)] = 6
     ex, ey, ez, er = f["eyes"]
     for side in (-1, 1):
-        orb = ((x - side * ex) / (er * 1.5)) ** 2 + ((y - ey - 0.8) / (er * 1.8)) ** 2 + ((z - ez) / (er * 1.2)) ** 2 < 1
+        orb = (((x - side * ex) / (er * 1.5)) ** 2 + ((y - ey - 0.8) / (er * 1.8)) ** 2
+               + ((z - ez) / (er * 1.2)) ** 2) < 1
         ls[orb] = 10
         ls[(x - side * ex) ** 2 + (y - ey) ** 2 + (z - ez) ** 2 < er ** 2] = 9
     ls[(x ** 2 / 2.0 + ((y + 6.3) / 1.2) ** 2 + ((z - ez + 0.8) / 1.2) ** 2) < 1] = 12

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from .common import rng_for
 from .dicom_writer import uid
-from .persons import (SITE_ISSUERS, IdAllocator, Person, dicom_age, make_persons, parse_ymd,
-                      registered_demographics, ymd)
+from .persons import SITE_ISSUERS, IdAllocator, Person, dicom_age, make_persons, parse_ymd, registered_demographics, ymd
 
 MODALITIES = ["cxr", "ct", "mr", "fundus", "derm"]
 
