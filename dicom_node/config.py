@@ -84,6 +84,9 @@ class PipelineSettings(_Section):
     workers: int = Field(1, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1)
+    # CPU threads torch may use (process-wide). One per worker keeps inference
+    # steady when ingest and workers share a small machine.
+    torch_threads: int = Field(1, ge=1)
     # Trained weights and model cards, one folder per route (see models/weights/README.md).
     weights_dir: Path = Path("models/weights")
     # Below this router confidence a series is stored but not linked.

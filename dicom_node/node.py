@@ -44,7 +44,10 @@ def make_worker(settings: Settings, engine: Engine):
     from dicom_node.worker import RetryPolicy, Worker
     from models.pipeline import SeriesPipeline
 
+    import torch
+
     pipeline_settings = settings.pipeline
+    torch.set_num_threads(pipeline_settings.torch_threads)
     pipeline = SeriesPipeline(pipeline_settings, settings.resolve(pipeline_settings.weights_dir))
     retry = RetryPolicy(pipeline_settings.max_attempts, pipeline_settings.retry_base_delay_s)
     return Worker(WorkQueue(engine, pipeline_settings.lease_s), pipeline, settings.storage_dir, retry,

@@ -50,31 +50,42 @@ class Worker:
         self.batch_size = batch_size
 
     def run_once(self, stats: RunStats | None = None) -> int:
-        """Claim and process one batch; return how many series were claimed."""
+        """Claim one batch and process it (networks batched per route); return how many were claimed."""
         stats = stats or RunStats()
         batch = self.queue.claim(self.batch_size)
-        for work in batch:
-            self._process(work, stats)
-        return len(batch)
-
-    def _process(self, work: SeriesWork, stats: RunStats) -> None:
+        if not batch:
+            return 0
         started = time.perf_counter()
         try:
-            decision, embedding = self.pipeline.process(work, self.storage_dir)
+            results = self.pipeline.process_batch(batch, self.storage_dir)
+        except Exception:  # a bug on the batch path: isolate the poison series one by one
+            log.exception("batch of %d series failed; processing them one at a time", len(batch))
+            results = [self._process_one(work) for work in batch]
+        seconds = (time.perf_counter() - started) / len(batch)
+        for work, result in zip(batch, results):
+            self._record(work, result, seconds, stats)
+        return len(batch)
+
+    def _process_one(self, work: SeriesWork):
+        try:
+            return self.pipeline.process(work, self.storage_dir)
         except SeriesError as error:
-            self._failed(work, error.reason, error.permanent, stats)
-            return
+            return error
         except Exception as error:  # one poison series must never stop the worker
             log.exception("series %s: unexpected pipeline error", work.series_uid)
-            self._failed(work, f"{type(error).__name__}: {error}", False, stats)
+            return SeriesError(f"{type(error).__name__}: {error}", permanent=False)
+
+    def _record(self, work: SeriesWork, result, seconds: float, stats: RunStats) -> None:
+        if isinstance(result, SeriesError):
+            self._failed(work, result.reason, result.permanent, stats)
             return
+        decision, embedding = result
         self.queue.complete(work, decision, embedding)
         stats.done += 1
         stats.by_route[decision.route] = stats.by_route.get(decision.route, 0) + 1
-        stats.seconds += time.perf_counter() - started
-        log.info("series %s: route %s (%.2f, %s)%s in %.0f ms", work.series_uid, decision.route,
-                 decision.confidence, decision.source, "" if embedding else ", not embedded",
-                 1000 * (time.perf_counter() - started))
+        stats.seconds += seconds
+        log.info("series %s: route %s (%.2f, %s)%s, %.0f ms", work.series_uid, decision.route,
+                 decision.confidence, decision.source, "" if embedding else ", not embedded", 1000 * seconds)
 
     def _failed(self, work: SeriesWork, reason: str, permanent: bool, stats: RunStats) -> None:
         delay = None if permanent else self.retry.delay(work.attempts)

@@ -1,0 +1,156 @@
+"""Identity networks per route: MONAI ResNet backbones with an L2-normalized embedding head.
+
+2D routes (chest_xr, fundus, dermoscopy) use a 2D ResNet-10 (one basic block per stage,
+widths 32-256, 7x7 stride-2 stem); volume routes (chest_ct, brain_mr) a 3D ResNet-10
+(widths 16-128, 3x3x3 stride-2 stem) on the whole 128x128x64 / 96x112x64 input. The
+backbone's fully connected layer is the embedding head (256 outputs), then L2
+normalization. Sizes were picked for the speed targets on 2 CPU cores (docs/benchmarks.md).
+
+Weights, per route, in ``weights_dir/<route>/`` (see models/weights/README.md):
+``model.pt`` (a state_dict) and ``card.json`` (name, version, arch, sha256, ...). Without
+them the network is randomly initialized with a fixed seed and its version says
+``untrained-seed0``: plumbing only, never an accuracy claim. Only local files are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ResNet
+from torch import nn
+
+log = logging.getLogger("models.networks")
+
+
+class WeightsError(Exception):
+    """Weights on disk that cannot be used (missing card, bad checksum, wrong shapes)."""
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    spatial_dims: int
+    in_channels: int
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    layers: tuple[int, ...] = (1, 1, 1, 1)
+    stem_kernel: int = 7
+    dim: int = 256
+
+    def name(self, route: str) -> str:
+        depth = 2 + 2 * sum(self.layers)
+        return f"{route}-resnet{depth}-{self.spatial_dims}d-w{self.widths[0]}-d{self.dim}"
+
+
+DEFAULT_SPECS = {
+    "chest_xr": NetSpec(2, 1),
+    "fundus": NetSpec(2, 3),
+    "dermoscopy": NetSpec(2, 3),
+    "chest_ct": NetSpec(3, 1, widths=(16, 32, 64, 128), stem_kernel=3),
+    "brain_mr": NetSpec(3, 1, widths=(16, 32, 64, 128), stem_kernel=3),
+}
+
+
+class EmbeddingNet(nn.Module):
+    """MONAI ResNet whose `fc` maps the pooled features to `dim`; output L2-normalized."""
+
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = ResNet(block="basic", layers=list(spec.layers), block_inplanes=list(spec.widths),
+                               spatial_dims=spec.spatial_dims, n_input_channels=spec.in_channels,
+                               conv1_t_size=spec.stem_kernel, conv1_t_stride=2, num_classes=spec.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x), dim=1)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_card(folder: Path) -> tuple[dict, Path] | None:
+    """(card, model path) for a weights folder, None if it holds neither file."""
+    model, card = folder / "model.pt", folder / "card.json"
+    if not model.exists() and not card.exists():
+        return None
+    if not (model.exists() and card.exists()):
+        missing = card if model.exists() else model
+        raise WeightsError(f"{folder}: {missing.name} is missing (a weights folder needs model.pt and card.json)")
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{card}: not readable JSON ({error})") from None
+    expected = data.get("sha256")
+    if expected and sha256_file(model) != expected:
+        raise WeightsError(f"{model}: sha256 differs from card.json (corrupt or replaced file)")
+    return data, model
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - wrong architecture, truncated file, pickle refused
+        raise WeightsError(f"{path}: cannot load weights ({error})") from None
+
+
+def seeded(build, seed: int):
+    """Build a module with a fixed seed without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+@dataclass
+class IdentityModel:
+    route: str
+    net: EmbeddingNet
+    name: str
+    version: str
+    device: torch.device
+    card: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.net.spec.dim
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, C, *spatial) -> (N, dim) float32, each row L2-normalized."""
+        x = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
+        out = self.net(x.to(self.device, torch.float32, non_blocking=True))
+        return out.float().cpu().numpy()
+
+
+def load_identity_model(route: str, weights_dir: Path | None, device: torch.device, seed: int = 0) -> IdentityModel:
+    found = read_card(Path(weights_dir) / route) if weights_dir else None
+    if found is None:
+        spec = DEFAULT_SPECS[route]
+        net = seeded(lambda: EmbeddingNet(spec), seed)
+        name, version, card = spec.name(route), f"untrained-seed{seed}", {}
+    else:
+        card, model_path = found
+        arch = dict(card.get("arch") or {})
+        spec = NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}) if arch \
+            else DEFAULT_SPECS[route]
+        net = EmbeddingNet(spec)
+        load_state(net, model_path)
+        name, version = card.get("name") or spec.name(route), str(card.get("version") or "unversioned")
+        log.info("route %s: loaded %s %s from %s", route, name, version, model_path)
+    net.eval().to(device)
+    return IdentityModel(route, net, name, version, device, card)
+
+
+def spec_dict(spec: NetSpec) -> dict:
+    """The `arch` entry of a card for this spec."""
+    return asdict(spec)
