@@ -35,7 +35,10 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         # Single-writer scheme: take the write lock at BEGIN, so concurrent
         # association threads queue on busy_timeout instead of failing later
         # with "database is locked" when a read lock cannot be upgraded.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only work (engine.execution_options(read_only=True)) takes a plain
+        # BEGIN: WAL readers never wait for the writer.
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
