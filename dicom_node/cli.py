@@ -12,6 +12,7 @@ from pathlib import Path
 from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
+from models.cli_training import add_subcommands as add_training_subcommands
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     add_synth_subcommands(commands)
+    add_training_subcommands(commands)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""`dicom-node train` and `dicom-node evaluate` (torch and friends imported inside the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+
+def _weights_dir(args) -> Path:
+    if args.weights_dir is not None:
+        return args.weights_dir
+    from dicom_node.config import load_settings
+    return Path(load_settings(args.config).pipeline.weights_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.router:
+        from models import router_training
+        argv = ["--out", str(args.out or "models/weights/router"), "--epochs", str(args.epochs or 25),
+                "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+        return router_training.main(argv)
+    if not args.route:
+        print("dicom-node train: --route or --router is required", file=sys.stderr)
+        return 2
+    if args.from_db:
+        print("dicom-node train: --from-db is not implemented yet; export the archive as a manifest", file=sys.stderr)
+        return 2
+    if not (args.manifest or args.synthetic):
+        print("dicom-node train: --manifest CSV or --synthetic N is required", file=sys.stderr)
+        return 2
+    from models.training import TrainConfig, train
+    cfg = TrainConfig(route=args.route, out=args.out or Path("runs") / f"train-{args.route}",
+                      manifest=args.manifest, synthetic=args.synthetic, epochs=args.epochs or 10, size=args.size,
+                      batch_size=args.batch_size, m_per_class=args.m_per_class, steps_per_epoch=args.steps_per_epoch,
+                      lr=args.lr, loss=args.loss, val_fraction=args.val_fraction, patience=args.patience,
+                      seed=args.seed, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
+                      resume=args.resume, widths=tuple(args.widths or ()),
+                      command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    card = train(cfg)
+    v = card["metrics"]["validation"]
+    print(f"wrote {cfg.out}/model.pt and card.json ({card['name']} {card['version']}); validation: "
+          f"Rank-1 {v['rank1']:.3f} mAP {v['mAP']:.3f} AUC {v['roc_auc']:.3f} EER {v['eer']:.3f} "
+          f"({v['patients']} patients, {v['images']} images)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models import evaluate as E
+    if bool(args.manifest) == bool(args.from_db):
+        print("dicom-node evaluate: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
+        return 2
+    weights = _weights_dir(args)
+    if args.manifest:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        report = E.evaluate_manifest(args.route, args.manifest, weights, device, all_patients=args.all_patients,
+                                     progress=sys.stderr.isatty())
+    else:
+        from dicom_node.config import load_settings
+        settings = load_settings(args.config)
+        report = E.evaluate_db(args.route, settings.database_url, weights, settings.database.sqlite_synchronous)
+    report["command"] = "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    clean = E.write_report(report, args.out, args.json)
+    print(E.format_summary(clean))
+    if args.out:
+        print(f"report: {args.out}/metrics.json, " + ", ".join(f"{args.out}/{p}" for p in clean.get("plots", [])))
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train an identity model (metric learning) or the router")
+    train.add_argument("--route", help="route whose identity model to train (chest_xr, fundus, dermoscopy)")
+    train.add_argument("--router", action="store_true", help="train the router instead (synthetic cohorts)")
+    src = train.add_mutually_exclusive_group()
+    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (the format of ../shared/data)")
+    src.add_argument("--synthetic", type=int, default=0, metavar="N", help="N procedural patients (smoke tests)")
+    src.add_argument("--from-db", action="store_true", help="stored series labelled by Patient ID (not yet)")
+    train.add_argument("--out", type=Path, default=None, help="output folder (model.pt, card.json, checkpoint.pt)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--size", type=int, default=160, help="input pixels (default 160)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--m-per-class", type=int, default=2)
+    train.add_argument("--steps-per-epoch", type=int, default=0, help="0: one pass over the training images")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--loss", choices=("subcenter-arcface", "triplet"), default="subcenter-arcface")
+    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--patience", type=int, default=3, help="early stopping on validation mAP")
+    train.add_argument("--widths", type=int, nargs=4, default=None, help="ResNet stage widths (default the route's)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes (0: none)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.set_defaults(handler=cmd_train)
+
+    ev = subparsers.add_parser("evaluate", help="retrieval/verification metrics of an identity model")
+    ev.add_argument("--route", required=True)
+    src = ev.add_mutually_exclusive_group()
+    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (the format of ../shared/data)")
+    src.add_argument("--from-db", action="store_true", help="the embeddings stored in the database")
+    ev.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
+    ev.add_argument("--out", type=Path, default=None, help="report folder: metrics.json, roc.png, cmc.png, scores.png")
+    ev.add_argument("--json", type=Path, default=None, help="also write the metrics JSON here")
+    ev.add_argument("--all-patients", action="store_true",
+                    help="score every patient even when the model was trained on this manifest")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.set_defaults(handler=cmd_evaluate)

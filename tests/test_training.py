@@ -1,0 +1,167 @@
+"""Metric-learning training (tiny synthetic set), resume, the model card, and the evaluate CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.cli import main
+from models.networks import load_identity_model, sha256_file
+
+TRAIN = ["train", "--route", "chest_xr", "--synthetic", "12", "--size", "64", "--batch-size", "12",
+         "--threads", "1", "--patience", "5", "--val-fraction", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "chest_xr"
+    started = time.perf_counter()
+    assert main(TRAIN + ["--epochs", "2", "--out", str(out)]) == 0
+    seconds = time.perf_counter() - started
+    return out, seconds
+
+
+def test_training_writes_loadable_card(trained, tmp_path):
+    out, seconds = trained
+    assert seconds < 60
+    card = json.loads((out / "card.json").read_text())
+    assert card["sha256"] == sha256_file(out / "model.pt")
+    assert card["input"]["size"] == 64 and card["route"] == "chest_xr"
+    assert card["training"]["epochs_run"] == 2 and len(card["training"]["history"]) == 2
+    assert card["training_data"]["synthetic_patients"] == 12
+    for key in ("rank1", "rank5", "mAP", "roc_auc", "eer", "tar_at_far_1e-3", "gallery_size"):
+        assert key in card["metrics"]["validation"]
+    cal = card["calibration"]
+    assert cal["method"] == "logistic-llr" and cal["a"] >= 0
+    assert card["code_version"] and card["date"] and card["validation_patients"]
+    assert (out / "model.pt").stat().st_size < 30e6
+
+    weights = tmp_path / "weights"
+    shutil.copytree(out, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    model = load_identity_model("chest_xr", weights, torch.device("cpu"))
+    assert model.version == card["version"] and model.version != "untrained-seed0"
+    emb = model.embed(torch.rand(2, 1, 64, 64))
+    assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_resume_continues_from_checkpoint(trained, tmp_path):
+    out, _ = trained
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "card.json").read_text())["training"]["history"]
+    assert main(TRAIN + ["--epochs", "3", "--out", str(copy), "--resume"]) == 0
+    history = json.loads((copy / "card.json").read_text())["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[:2] == before                      # epochs 1-2 not re-run
+
+
+def _write_manifest(folder, patients=6, per=3):
+    from PIL import Image
+
+    from models.training import synthetic_patients
+    images, labels = synthetic_patients(patients, per, 48, seed=7)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for k, (img, lab) in enumerate(zip(images, labels)):
+        name = f"images/{k}.png" if k % 2 else f"images/{k}.jpg"
+        Image.fromarray(img[0]).save(folder / name)
+        rows.append({"image": name, "patient_id": lab, "duplicate_of": ""})
+    rows.append({"image": "images/0.jpg", "patient_id": labels[0], "duplicate_of": "images/0.jpg"})  # skipped
+    with open(folder / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "patient_id", "duplicate_of"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "manifest.csv"
+
+
+def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
+    out, _ = trained
+    manifest = _write_manifest(tmp_path / "set")
+    weights = tmp_path / "weights"
+    shutil.copytree(out, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    report_dir, json_path = tmp_path / "report", tmp_path / "m.json"
+    assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(weights),
+                 "--out", str(report_dir), "--json", str(json_path)]) == 0
+    report = json.loads(json_path.read_text())
+    assert set(report["results"]) == {"model", "pixel-cosine"}
+    m = report["results"]["model"]
+    assert m["images"] == 18 and m["patients"] == 6 and m["gallery_size"] == 17
+    for key in ("rank1", "rank5", "mAP", "roc_auc", "eer", "tar_at_far_1e-3"):
+        assert 0.0 <= m[key] <= 1.0
+    assert report["results"]["pixel-cosine"]["rank1"] > 0.5      # same synthetic anatomy, small jitter
+    assert report["model"]["version"] != "untrained-seed0" and report["calibration"]
+    for png in ("roc.png", "cmc.png", "scores.png"):
+        assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((report_dir / "metrics.json").read_text())["results"]["model"]["rank1"] == m["rank1"]
+    assert "Rank-1" in capsys.readouterr().out
+
+
+def test_evaluate_untrained_route_and_bad_arguments(tmp_path):
+    manifest = _write_manifest(tmp_path / "set", patients=3, per=2)
+    assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest),
+                 "--weights-dir", str(tmp_path / "empty"), "--json", str(tmp_path / "u.json")]) == 0
+    assert json.loads((tmp_path / "u.json").read_text())["model"]["version"] == "untrained-seed0"
+    assert main(["evaluate", "--route", "chest_xr", "--weights-dir", str(tmp_path)]) == 2
+    assert main(["train", "--route", "chest_xr", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluate_from_db_stored_embeddings(tmp_path):
+    from db.engine import make_engine, make_sessionmaker
+    from db.migrate import upgrade
+    from db.models import Embedding, Patient, Series, Study
+    from db.store import utcnow
+    from models import evaluate as E
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    rng = np.random.default_rng(0)
+    now = utcnow()
+    with make_sessionmaker(engine)() as session:
+        for p in range(4):
+            centre = rng.normal(size=8)
+            patient = Patient(patient_id=f"P{p}", issuer="SITE", created_at=now)
+            session.add(patient)
+            session.flush()
+            for k in range(2):
+                study = Study(study_uid=f"1.2.{p}.{k}", patient_pk=patient.id, created_at=now)
+                session.add(study)
+                session.flush()
+                series = Series(series_uid=f"1.3.{p}.{k}", study_pk=study.id, first_received_at=now,
+                                last_received_at=now, state_changed_at=now)
+                session.add(series)
+                session.flush()
+                v = centre + 0.01 * rng.normal(size=8)
+                session.add(Embedding(series_pk=series.id, route="chest_xr", model_name="m", model_version="v1",
+                                      dim=8, vector=(v / np.linalg.norm(v)).astype("<f4").tobytes(), created_at=now))
+        session.commit()
+    engine.dispose()
+    report = E.evaluate_db("chest_xr", url, tmp_path / "no-weights")
+    assert report["model"] == {"name": "m", "version": "v1"} and "most common" in report["source"]["selection"]
+    clean = E.write_report(report, tmp_path / "db-report")
+    assert clean["results"]["model"]["rank1"] == 1.0 and clean["results"]["model"]["patients"] == 4
+    assert (tmp_path / "db-report" / "roc.png").exists()
+
+
+def test_triplet_loss_and_noisy_labels(tmp_path, monkeypatch):
+    from models import training
+
+    real = training.synthetic_patients
+
+    def noisy(patients, per, size, seed):                 # two images carry another patient's ID
+        images, labels = real(patients, per, size, seed)
+        labels[0], labels[-1] = labels[-1], labels[0]
+        return images, labels
+
+    monkeypatch.setattr(training, "synthetic_patients", noisy)
+    cfg = training.TrainConfig(route="chest_xr", out=tmp_path / "t", synthetic=10, epochs=1, size=48,
+                               batch_size=10, loss="triplet", threads=1, val_fraction=0.3)
+    card = training.train(cfg, progress=False)
+    assert np.isfinite(card["training"]["history"][0]["loss"])
+    assert card["training"]["miner"].startswith("TripletMarginMiner")
