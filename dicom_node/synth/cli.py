@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import MODALITIES, PRESETS, SynthConfig
+from .settings import MODALITIES, PRESETS, SynthConfig
 
 SIZE_OPTIONS = ("cxr_size", "ct_size", "ct_slices", "mr_size", "mr_slices", "fundus_size", "derm_size")
 
