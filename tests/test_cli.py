@@ -93,15 +93,20 @@ def test_status_on_an_unmigrated_database_says_what_to_do(config):
     assert result.returncode == 2 and "dicom-node db upgrade" in result.stderr
 
 
+def wait_for_stable(config: Path, count: int, timeout: float = 20) -> dict:
+    """`status --json` once `count` series are stable, or the last counts at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = json.loads(cli("--config", str(config), "status", "--json").stdout)
+        if counts["series"]["stable"] == count or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.3)
+
+
 def test_serve_marks_series_stable_and_resumes_after_restart(start_node, tmp_path):
     node = start_node(series={"stable_after_s": 1.0, "check_interval_s": 0.3})
     assert cli("--config", str(node.config_path), "import", str(corpus_path("explicit_le"))).returncode == 0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        counts = json.loads(cli("--config", str(node.config_path), "status", "--json").stdout)
-        if counts["series"]["stable"] == 1:
-            break
-        time.sleep(0.3)
+    counts = wait_for_stable(node.config_path, 1)
     assert counts["series"] == {"receiving": 0, "stable": 1, "processing": 0, "done": 0, "failed": 0}
 
     # A late instance of the same series re-opens it; a node stopped before the
@@ -115,10 +120,5 @@ def test_serve_marks_series_stable_and_resumes_after_restart(start_node, tmp_pat
     assert counts["series"]["receiving"] == 1 and counts["instances"] == 2
     time.sleep(1.2)
     node.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        counts = json.loads(cli("--config", str(node.config_path), "status", "--json").stdout)
-        if counts["series"]["stable"] == 1:
-            break
-        time.sleep(0.3)
+    counts = wait_for_stable(node.config_path, 1)
     assert counts["series"]["stable"] == 1 and counts["series"]["receiving"] == 0
