@@ -73,7 +73,7 @@ class Study(Base):
     # Demographics as this study carried them: registration differs between
     # sites and years, and linkage compares them per study.
     patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
-    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True, index=True)
     patient_sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
     patient_age: Mapped[str | None] = mapped_column(String(4), nullable=True)
     # Instances of this study that arrived under another Patient ID/issuer.
@@ -117,6 +117,9 @@ class Series(Base):
     route_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
     route_findings: Mapped[list | None] = mapped_column(JSON, nullable=True)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set when the linkage engine has compared this series' embedding with the store;
+    # NULL on a done series with an embedding means "still to link" (survives restarts).
+    linked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -157,3 +160,83 @@ class Embedding(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="embedding")
+
+
+class LinkKind(str, enum.Enum):
+    same_patient_different_id = "same_patient_different_id"   # one person under two IDs
+    different_patient_same_id = "different_patient_same_id"   # a study filed under the wrong patient
+
+
+class LinkStatus(str, enum.Enum):
+    open = "open"
+    confirmed = "confirmed"
+    rejected = "rejected"
+
+
+class Link(Base):
+    """A flagged probable identity mistake, for an archivist to confirm or reject.
+
+    `key` deduplicates: new evidence about the same two patients (or the same suspect
+    study) updates the row instead of adding one. `a`/`b` are studies: for
+    same_patient_different_id the best-matching pair across the two Patient IDs, for
+    different_patient_same_id `a` is the suspect study and `b` the study of the same
+    Patient ID it was compared with most closely.
+    """
+
+    __tablename__ = "link"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[LinkKind] = mapped_column(Enum(LinkKind, name="link_kind", native_enum=False, length=32), index=True)
+    status: Mapped[LinkStatus] = mapped_column(
+        Enum(LinkStatus, name="link_status", native_enum=False, length=16), default=LinkStatus.open, index=True)
+    # review | confident while the evidence is above the review threshold; withdrawn when
+    # newer evidence took an open link below it (kept, with its history, never deleted).
+    band: Mapped[str] = mapped_column(String(16))
+    a_study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    b_study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    a_patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    b_patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    probability: Mapped[float] = mapped_column(Float)
+    weight: Mapped[float] = mapped_column(Float)       # Fellegi-Sunter total, natural log
+    evidence: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    events: Mapped[list[LinkEvent]] = relationship(back_populates="link", order_by="LinkEvent.id")
+
+
+class LinkEvent(Base):
+    """Audit trail of a link: created, updated by new evidence, confirmed, rejected, reopened."""
+
+    __tablename__ = "link_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    link_pk: Mapped[int] = mapped_column(ForeignKey("link.id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_status: Mapped[str] = mapped_column(String(16))
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    link: Mapped[Link] = relationship(back_populates="events")
+
+
+class MatchWeight(Base):
+    """m/u probabilities of a comparison outcome re-estimated from reviewed links
+    (defaults live in linkage.evidence; a row here overrides one level)."""
+
+    __tablename__ = "match_weight"
+
+    field: Mapped[str] = mapped_column(String(32), primary_key=True)
+    level: Mapped[str] = mapped_column(String(32), primary_key=True)
+    m: Mapped[float] = mapped_column(Float)
+    u: Mapped[float] = mapped_column(Float)
+    confirmed: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

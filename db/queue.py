@@ -69,7 +69,7 @@ class WorkQueue:
                                       dim=embedding.dim, vector=embedding.vector, created_at=now))
             route_values = dict(route=decision.route, route_confidence=decision.confidence,
                                 route_source=decision.source, route_findings=list(decision.findings),
-                                processed_at=now)
+                                processed_at=now, linked_at=None)   # a new embedding is linked anew
             session.execute(update(Series).where(Series.id == work.series_pk).values(**route_values))
             done = session.execute(
                 update(Series).where(self._owned(work)).values(

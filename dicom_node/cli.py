@@ -12,6 +12,8 @@ from pathlib import Path
 from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
+from linkage.cli import add_subcommands as add_linkage_subcommands
+from linkage.cli_records import add_subcommands as add_records_subcommands
 from models.cli_training import add_subcommands as add_training_subcommands
 
 
@@ -62,7 +64,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from dicom_node.node import build, configure_logging, make_worker
+    from dicom_node.node import build, configure_logging, make_linker, make_worker
 
     settings = _settings(args)
     configure_logging(settings)
@@ -71,7 +73,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         from db.store import utcnow
 
         parts.store.mark_stable(utcnow())
-    worker = make_worker(settings, parts.engine)
+    worker = make_worker(settings, parts.engine, make_linker(settings, parts.engine))
     if parts.engine.dialect.name == "sqlite":
         worker.queue.release_claims()  # embedded store: no other process holds claims
     if args.retry_failed:
@@ -80,7 +82,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     per_series = 1000 * stats.seconds / stats.done if stats.done else 0.0
     routes = ", ".join(f"{route} {n}" for route, n in sorted(stats.by_route.items())) or "none"
     print(f"processed {stats.done} series ({routes}); failed {stats.failed}; "
-          f"to retry later {stats.retried}; {per_series:.0f} ms per series")
+          f"to retry later {stats.retried}; {per_series:.0f} ms per series"
+          + (f"; linked {worker.linked} series" if worker.linker else ""))
     return 1 if stats.failed else 0
 
 
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_subcommands(commands)
     add_training_subcommands(commands)
+    add_linkage_subcommands(commands)      # links, review
+    add_records_subcommands(commands)      # priors, export
     return parser
 
 

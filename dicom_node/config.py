@@ -99,6 +99,28 @@ class PipelineSettings(_Section):
     enhance: dict[str, list[Literal["clahe", "denoise", "edges"]]] = Field(default_factory=dict)
 
 
+class LinkageSettings(_Section):
+    # Link each embedded series inside `serve` and `process` (off: embeddings only).
+    enabled: bool = True
+    # An open link is listed for review from this probability; from confident_probability
+    # it is marked "confident" (still never merged automatically).
+    review_probability: float = Field(0.5, gt=0, lt=1)
+    confident_probability: float = Field(0.95, gt=0, lt=1)
+    # Prior probability that a candidate pair of Patient IDs is one person, and that a
+    # study is filed under the wrong patient; they set how much evidence a flag needs.
+    prior_same_person: float = Field(1e-3, gt=0, lt=1)
+    prior_misfiled: float = Field(1e-3, gt=0, lt=1)
+    # Nearest stored series per new series (faiss), and patients per shared birth date,
+    # that are compared in full.
+    candidates: int = Field(10, ge=1, le=200)
+    max_birth_date_block: int = Field(50, ge=0)
+    # Image evidence per route is clipped to +- this many nats, so one modality cannot
+    # outvote everything else on its own.
+    max_image_llr: float = Field(12.0, gt=0)
+    # Where the candidate index is saved between runs (relative to storage.dir).
+    index_dir: Path = Path("linkage-index")
+
+
 class SecuritySettings(_Section):
     require_known_ae: bool = True
     peers: list[PeerSettings] = Field(default_factory=list)
@@ -112,6 +134,7 @@ class Settings(_Section):
     series: SeriesSettings = SeriesSettings()
     security: SecuritySettings = SecuritySettings()
     pipeline: PipelineSettings = PipelineSettings()
+    linkage: LinkageSettings = LinkageSettings()
     # Directory that relative paths were resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -38,7 +38,16 @@ def build(settings: Settings, migrate: bool = True) -> Components:
     return Components(engine, store, files, ingestor)
 
 
-def make_worker(settings: Settings, engine: Engine):
+def make_linker(settings: Settings, engine: Engine):
+    """The linkage engine, or None when linkage is off."""
+    if not settings.linkage.enabled:
+        return None
+    from db.links import LinkStore
+    from linkage.engine import LinkageEngine
+    return LinkageEngine.from_settings(LinkStore(engine), settings)
+
+
+def make_worker(settings: Settings, engine: Engine, linker=None):
     """A pipeline worker; loads the models (torch is imported only here)."""
     from db.queue import WorkQueue
     from dicom_node.worker import RetryPolicy, Worker
@@ -51,7 +60,7 @@ def make_worker(settings: Settings, engine: Engine):
     pipeline = SeriesPipeline(pipeline_settings, settings.resolve(pipeline_settings.weights_dir))
     retry = RetryPolicy(pipeline_settings.max_attempts, pipeline_settings.retry_base_delay_s)
     return Worker(WorkQueue(engine, pipeline_settings.lease_s), pipeline, settings.storage_dir, retry,
-                  pipeline_settings.batch_size)
+                  pipeline_settings.batch_size, linker)
 
 
 def start_workers(settings: Settings, engine: Engine, stop: threading.Event) -> list[threading.Thread]:
@@ -65,9 +74,15 @@ def start_workers(settings: Settings, engine: Engine, stop: threading.Event) -> 
         if released:
             log.info("%d series claimed before the last stop were put back in the queue", released)
 
+    linker_ready = threading.Lock()
+    shared: dict = {}
+
     def run() -> None:
         try:
-            worker = make_worker(settings, engine)
+            with linker_ready:      # one linkage engine (and candidate index) for all worker threads
+                if "linker" not in shared:
+                    shared["linker"] = make_linker(settings, engine)
+            worker = make_worker(settings, engine, shared["linker"])
         except Exception:
             log.exception("pipeline could not start; series stay queued")
             return

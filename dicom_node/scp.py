@@ -2,6 +2,7 @@
 
 The handlers only translate between DIMSE and `Ingestor`; all decisions about
 an instance are made in `dicom_node.ingest`, the same code `import` uses.
+C-FIND (`dicom_node.qrscp`) is served by the same AE, so the same allow-list and TLS apply.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
+from db.links import LinkStore
 from dicom_node.config import Settings
 from dicom_node.ingest import Ingestor
+from dicom_node.qrscp import FIND_CONTEXTS, make_find_handler
 from dicom_node.security import AccessPolicy, server_tls_context
 
 log = logging.getLogger("dicom_node.scp")
@@ -91,11 +94,13 @@ def make_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    for abstract_syntax, transfer_syntaxes in FIND_CONTEXTS:
+        ae.add_supported_context(abstract_syntax, transfer_syntaxes)
     return ae
 
 
 class StorageSCP:
-    """The node's DICOM listener: C-ECHO and C-STORE, allow-list, optional TLS."""
+    """The node's DICOM listener: C-ECHO, C-STORE and C-FIND, allow-list, optional TLS."""
 
     def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
         self.settings = settings
@@ -105,6 +110,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self.policy.on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, make_store_handler(ingestor)),
+            # Reads on the ingest store's engine: one pool, read-only connections.
+            (evt.EVT_C_FIND, make_find_handler(LinkStore(ingestor.store.engine))),
         ]
         self.tls = server_tls_context(settings.security.tls, settings)
         self.server = None

@@ -42,8 +42,11 @@ class RunStats:
 
 class Worker:
     def __init__(self, queue: WorkQueue, pipeline, storage_dir: Path, retry: RetryPolicy | None = None,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, linker=None) -> None:
         self.queue = queue
+        # linkage.engine.LinkageEngine (or None): links what was embedded after each batch
+        self.linker = linker
+        self.linked = 0
         self.pipeline = pipeline
         self.storage_dir = storage_dir
         self.retry = retry or RetryPolicy()
@@ -64,7 +67,18 @@ class Worker:
         seconds = (time.perf_counter() - started) / len(batch)
         for work, result in zip(batch, results):
             self._record(work, result, seconds, stats)
+        self.link()
         return len(batch)
+
+    def link(self) -> None:
+        """Link embedded series not linked yet. Failures are logged: the embeddings are
+        stored and stay on the work list (`series.linked_at`) for the next pass."""
+        if self.linker is None:
+            return
+        try:
+            self.linked += self.linker.link_pending().series
+        except Exception:  # the database may be briefly unavailable; the next pass retries
+            log.exception("linking pass failed")
 
     def _process_one(self, work: SeriesWork):
         try:
@@ -103,6 +117,7 @@ class Worker:
         stats = RunStats()
         while self.run_once(stats):
             pass
+        self.link()                     # left over from an earlier run that stopped before linking
         return stats
 
     def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
@@ -113,4 +128,5 @@ class Worker:
                 log.exception("worker loop error")
                 claimed = 0
             if not claimed:
+                self.link()
                 stop.wait(poll_s)

@@ -1,0 +1,423 @@
+"""The linkage store: what the engine reads (studies, embeddings) and the links it writes.
+
+Plain data in and out (`db.records_linkage`). A link is created or updated by its `key`
+(new evidence never duplicates a link); status changes only through `review`, and every
+change leaves a `link_event` row (who, when, what, note).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from db.engine import make_sessionmaker
+from db.models import Embedding, Link, LinkEvent, LinkKind, LinkStatus, MatchWeight, Patient, Series, SeriesState, Study
+from db.records_linkage import (LinkDraft, LinkEventView, LinkSide, LinkView, MergeEdge, PatientRecord,
+                                StoredEmbedding, StudyFacts, StudyRecord)
+from db.store import utcnow
+
+SYSTEM_ACTOR = "linkage"
+
+
+class LinkError(Exception):
+    """A review that cannot be applied (unknown link, invalid transition)."""
+
+
+class LinkStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = make_sessionmaker(engine)
+        self._read = make_sessionmaker(engine.execution_options(read_only=True))
+
+    # ----- the engine's work list -------------------------------------------------------
+
+    def pending_series(self, limit: int = 256) -> list[int]:
+        """Embedded series not yet linked, oldest first."""
+        with self._read() as session:
+            return list(session.scalars(
+                select(Series.id).join(Embedding, Embedding.series_pk == Series.id)
+                .where(Series.state == SeriesState.done, Series.linked_at.is_(None))
+                .order_by(Series.processed_at, Series.id).limit(limit)))
+
+    def mark_linked(self, series_pks: Iterable[int]) -> None:
+        pks = list(series_pks)
+        if pks:
+            with self._sessions.begin() as session:
+                session.execute(update(Series).where(Series.id.in_(pks)).values(linked_at=utcnow()))
+
+    def embedding_rows_after(self, watermark: int, batch: int = 10_000) -> Iterator[tuple]:
+        """(embedding_id, series_pk, route, model_name, model_version, dim, vector) by id, for the index."""
+        last = watermark
+        while True:
+            with self._read() as session:
+                rows = session.execute(
+                    select(Embedding.id, Embedding.series_pk, Embedding.route, Embedding.model_name,
+                           Embedding.model_version, Embedding.dim, Embedding.vector)
+                    .where(Embedding.id > last).order_by(Embedding.id).limit(batch)).all()
+            if not rows:
+                return
+            yield from (tuple(r) for r in rows)
+            last = rows[-1][0]
+
+    # ----- what the engine compares -----------------------------------------------------
+
+    def embeddings(self, series_pks: Iterable[int] | None = None, patient_pks: Iterable[int] | None = None
+                   ) -> list[StoredEmbedding]:
+        """Current embeddings of the given series, or of every series of the given patients."""
+        query = (select(Embedding.series_pk, Series.study_pk, Study.patient_pk, Embedding.route,
+                        Embedding.model_name, Embedding.model_version, Embedding.vector)
+                 .join(Series, Series.id == Embedding.series_pk).join(Study, Study.id == Series.study_pk))
+        if series_pks is not None:
+            query = query.where(Embedding.series_pk.in_(list(series_pks)))
+        if patient_pks is not None:
+            query = query.where(Study.patient_pk.in_(list(patient_pks)))
+        with self._read() as session:
+            return [StoredEmbedding(r.series_pk, r.study_pk, r.patient_pk, r.route,
+                                    (r.route, r.model_name, r.model_version), r.vector)
+                    for r in session.execute(query)]
+
+    def study_facts(self, study_pks: Iterable[int] | None = None, patient_pks: Iterable[int] | None = None
+                    ) -> dict[int, StudyFacts]:
+        query = (select(Study, Patient.patient_id, Patient.issuer).join(Patient, Patient.id == Study.patient_pk))
+        if study_pks is not None:
+            query = query.where(Study.id.in_(list(study_pks)))
+        if patient_pks is not None:
+            query = query.where(Study.patient_pk.in_(list(patient_pks)))
+        with self._read() as session:
+            rows = session.execute(query).all()
+            series = defaultdict(list)
+            if rows:
+                for study_pk, uid, modality in session.execute(
+                        select(Series.study_pk, Series.series_uid, Series.modality)
+                        .where(Series.study_pk.in_([r[0].id for r in rows])).order_by(Series.series_number, Series.id)):
+                    series[study_pk].append((uid, modality or ""))
+        out = {}
+        for study, patient_id, issuer in rows:
+            own = series[study.id]
+            out[study.id] = StudyFacts(
+                study.id, study.study_uid, study.patient_pk, patient_id, issuer, study.study_date,
+                study.patient_name, study.patient_birth_date, study.patient_sex, study.patient_age,
+                study.description, tuple(sorted({m for _, m in own if m})), tuple(uid for uid, _ in own))
+        return out
+
+    def patients_born(self, birth_dates: Iterable[str], exclude_patient: int | None = None, limit: int = 200) -> list[int]:
+        """Patients with a study that carried one of these birth dates (candidate blocking)."""
+        dates = [d for d in set(birth_dates) if d]
+        if not dates:
+            return []
+        with self._read() as session:
+            query = select(Study.patient_pk).where(Study.patient_birth_date.in_(dates)).distinct().limit(limit)
+            if exclude_patient is not None:
+                query = query.where(Study.patient_pk != exclude_patient)
+            return list(session.scalars(query))
+
+    # ----- links ---------------------------------------------------------------------
+
+    def upsert(self, draft: LinkDraft) -> tuple[int, str]:
+        """Create the link or update it with new evidence: (link id, created|updated|unchanged|decided).
+
+        A decided (confirmed/rejected) link keeps its decision and its evidence; only an
+        open link follows the evidence, including into and out of the `withdrawn` band."""
+        try:
+            return self._upsert(draft)
+        except IntegrityError:      # two workers created the same key at once: update the winner's
+            return self._upsert(draft)
+
+    def suspect_studies(self, patient_pks: Iterable[int]) -> set[int]:
+        """Studies of these patients flagged as filed under the wrong patient (open above the
+        review band, or confirmed): left out when the patients' own images are compared."""
+        pks = list(patient_pks)
+        with self._read() as session:
+            return set(session.scalars(select(Link.a_study_pk).where(
+                Link.kind == LinkKind.different_patient_same_id, Link.a_patient_pk.in_(pks),
+                or_(Link.status == LinkStatus.confirmed,
+                    (Link.status == LinkStatus.open) & (Link.band != "withdrawn")))))
+
+    def open_same_partners(self, patient_pk: int) -> set[int]:
+        """The other patients of open same_patient_different_id links (to re-score with new evidence)."""
+        with self._read() as session:
+            rows = session.execute(select(Link.a_patient_pk, Link.b_patient_pk).where(
+                Link.kind == LinkKind.same_patient_different_id, Link.status == LinkStatus.open,
+                or_(Link.a_patient_pk == patient_pk, Link.b_patient_pk == patient_pk))).all()
+        return {pk for row in rows for pk in row} - {patient_pk}
+
+    def withdraw(self, key: str, note: str) -> bool:
+        """Move an open link out of the review list (band `withdrawn`); True if one was."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            link = session.scalars(select(Link).where(Link.key == key, Link.status == LinkStatus.open,
+                                                      Link.band != "withdrawn")).first()
+            if link is None:
+                return False
+            link.band, link.updated_at = "withdrawn", now
+            link.evidence = dict(link.evidence or {}, note=note)
+            session.add(_event(link, now, SYSTEM_ACTOR, "updated", "open", "open", link.probability, note))
+            return True
+
+    def _upsert(self, draft: LinkDraft) -> tuple[int, str]:
+        # Most re-checks change nothing: answer those from a read, without taking the write lock.
+        with self._read() as session:
+            seen = session.execute(select(Link.id, Link.status, Link.band, Link.probability, Link.a_study_pk,
+                                          Link.b_study_pk).where(Link.key == draft.key)).first()
+        if seen is None and draft.band == "withdrawn":
+            return 0, "unchanged"
+        if seen is not None:
+            if seen.status != LinkStatus.open:
+                return seen.id, "decided"
+            if (abs(seen.probability - draft.probability) < 1e-6 and seen.band == draft.band
+                    and (seen.a_study_pk, seen.b_study_pk) == (draft.a_study_pk, draft.b_study_pk)):
+                return seen.id, "unchanged"
+        now = utcnow()
+        with self._sessions.begin() as session:
+            link = session.scalars(select(Link).where(Link.key == draft.key)).first()
+            if link is None:
+                if draft.band == "withdrawn":
+                    return 0, "unchanged"
+                link = Link(key=draft.key, kind=LinkKind(draft.kind), status=LinkStatus.open, created_at=now)
+                _apply(link, draft, now)
+                session.add(link)
+                session.flush()
+                session.add(_event(link, now, SYSTEM_ACTOR, "created", None, "open", draft.probability, draft.band))
+                return link.id, "created"
+            if link.status != LinkStatus.open:
+                return link.id, "decided"
+            same = (abs(link.probability - draft.probability) < 1e-6 and link.band == draft.band
+                    and (link.a_study_pk, link.b_study_pk) == (draft.a_study_pk, draft.b_study_pk))
+            if same:
+                return link.id, "unchanged"
+            _apply(link, draft, now)
+            session.add(_event(link, now, SYSTEM_ACTOR, "updated", "open", "open", draft.probability, draft.band))
+            return link.id, "updated"
+
+    def review(self, link_id: int, decision: str, actor: str, note: str | None = None) -> LinkView:
+        """confirm | reject | reopen. Reversible: a decided link can be changed or reopened."""
+        target = {"confirm": LinkStatus.confirmed, "reject": LinkStatus.rejected, "reopen": LinkStatus.open}.get(decision)
+        if target is None:
+            raise LinkError(f"unknown decision {decision!r} (confirm, reject or reopen)")
+        if not actor or not actor.strip():
+            raise LinkError("a review needs the name of who decided")
+        now = utcnow()
+        with self._sessions.begin() as session:
+            link = session.get(Link, link_id, with_for_update=True)
+            if link is None:
+                raise LinkError(f"no link {link_id}")
+            if link.status == target:
+                raise LinkError(f"link {link_id} is already {target.value}")
+            before = link.status.value
+            link.status = target
+            link.decided_at = None if target == LinkStatus.open else now
+            link.decided_by = None if target == LinkStatus.open else actor
+            link.note = note
+            action = {"confirmed": "confirmed", "rejected": "rejected", "open": "reopened"}[target.value]
+            session.add(_event(link, now, actor, action, before, target.value, link.probability, note))
+        return self.get(link_id)
+
+    def get(self, link_id: int) -> LinkView:
+        views = self.list(ids=[link_id], status=None)
+        if not views:
+            raise LinkError(f"no link {link_id}")
+        return views[0]
+
+    def list(self, status: str | None = "open", kind: str | None = None, ids: list[int] | None = None,
+             include_withdrawn: bool = False, patient_pks: Iterable[int] | None = None) -> list[LinkView]:
+        """Links, most probable first. status None: all; open links in the withdrawn band are
+        left out unless asked for (or asked for by id)."""
+        query = select(Link)
+        if status is not None:
+            query = query.where(Link.status == LinkStatus(status))
+        if kind is not None:
+            query = query.where(Link.kind == LinkKind(kind))
+        if ids is not None:
+            query = query.where(Link.id.in_(ids))
+        elif not include_withdrawn:
+            query = query.where(or_(Link.status != LinkStatus.open, Link.band != "withdrawn"))
+        if patient_pks is not None:
+            pks = list(patient_pks)
+            query = query.where(or_(Link.a_patient_pk.in_(pks), Link.b_patient_pk.in_(pks)))
+        with self._read() as session:
+            links = session.scalars(query.order_by(Link.probability.desc(), Link.id)).all()
+        facts = self.study_facts({pk for link in links for pk in (link.a_study_pk, link.b_study_pk)})
+        return [_view(link, facts) for link in links]
+
+    def events(self, link_id: int | None = None, limit: int | None = None) -> list[LinkEventView]:
+        query = select(LinkEvent).order_by(LinkEvent.id.desc())
+        if link_id is not None:
+            query = query.where(LinkEvent.link_pk == link_id)
+        if limit:
+            query = query.limit(limit)
+        with self._read() as session:
+            return [LinkEventView(e.link_pk, _iso(e.at), e.actor, e.action, e.from_status, e.to_status,
+                                  e.probability, e.note) for e in session.scalars(query)]
+
+    def decided_pairs(self) -> list[tuple[str, str, dict]]:
+        """(kind, status, evidence) of every confirmed or rejected link: m/u re-estimation input."""
+        with self._read() as session:
+            rows = session.execute(select(Link.kind, Link.status, Link.evidence)
+                                   .where(Link.status != LinkStatus.open)).all()
+        return [(k.value, s.value, e or {}) for k, s, e in rows]
+
+    # ----- m/u weights ------------------------------------------------------------------
+
+    def match_weights(self) -> dict[tuple[str, str], tuple[float, float]]:
+        with self._read() as session:
+            return {(w.field, w.level): (w.m, w.u) for w in session.scalars(select(MatchWeight))}
+
+    def save_match_weights(self, rows: dict[tuple[str, str], tuple[float, float, int, int]]) -> None:
+        """(field, level) -> (m, u, confirmed, rejected), replacing earlier estimates."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            session.query(MatchWeight).delete()
+            for (field, level), (m, u, confirmed, rejected) in rows.items():
+                session.add(MatchWeight(field=field, level=level, m=m, u=u, confirmed=confirmed,
+                                        rejected=rejected, updated_at=now))
+
+    # ----- priors ----------------------------------------------------------------------
+
+    def patient_pks(self, patient_id: str, issuer: str | None = None) -> list[int]:
+        query = select(Patient.id).where(Patient.patient_id == patient_id)
+        if issuer is not None:
+            query = query.where(Patient.issuer == issuer)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def patient_of_study(self, study_uid: str) -> int | None:
+        with self._read() as session:
+            return session.scalar(select(Study.patient_pk).where(Study.study_uid == study_uid))
+
+    def linked_patients(self, patient_pks: Iterable[int]) -> set[int]:
+        """The patients joined to these by confirmed same_patient_different_id links (transitively)."""
+        group, frontier = set(patient_pks), set(patient_pks)
+        with self._read() as session:
+            while frontier:
+                rows = session.execute(
+                    select(Link.a_patient_pk, Link.b_patient_pk).where(
+                        Link.kind == LinkKind.same_patient_different_id, Link.status == LinkStatus.confirmed,
+                        or_(Link.a_patient_pk.in_(frontier), Link.b_patient_pk.in_(frontier)))).all()
+                found = {pk for row in rows for pk in row} - group
+                group |= found
+                frontier = found
+        return group
+
+    def misfiled_studies(self, study_pks: Iterable[int]) -> set[int]:
+        """Of these studies, those a confirmed different_patient_same_id link says are not the patient's."""
+        pks = list(study_pks)
+        with self._read() as session:
+            return set(session.scalars(select(Link.a_study_pk).where(
+                Link.kind == LinkKind.different_patient_same_id, Link.status == LinkStatus.confirmed,
+                Link.a_study_pk.in_(pks))))
+
+
+    # ----- priors, export and C-FIND (read side) ----------------------------------------
+
+    def find_studies(self, patient_pks: Iterable[int] | None = None, study_uids: Iterable[str] | None = None,
+                     date_from: str | None = None, date_to: str | None = None,
+                     accession: str | None = None) -> list[StudyRecord]:
+        """Studies with their counts, modalities and misfiled flag, narrowed by indexed columns
+        only; callers apply any finer matching. Dates are YYYYMMDD strings (compare as text)."""
+        confirmed_misfiled = (select(func.min(Link.id)).where(
+            Link.kind == LinkKind.different_patient_same_id, Link.status == LinkStatus.confirmed,
+            Link.a_study_pk == Study.id).correlate(Study).scalar_subquery())
+        counts = (select(Series.study_pk, func.count(Series.id).label("n_series"),
+                         func.coalesce(func.sum(Series.instance_count), 0).label("n_instances"))
+                  .group_by(Series.study_pk).subquery())
+        filters = []
+        if patient_pks is not None:
+            filters.append(Study.patient_pk.in_(list(patient_pks)))
+        if study_uids is not None:
+            filters.append(Study.study_uid.in_(list(study_uids)))
+        if date_from:
+            filters.append(Study.study_date >= date_from)
+        if date_to:
+            filters.append(Study.study_date <= date_to)
+        if accession is not None:
+            filters.append(Study.accession_number == accession)
+        query = (select(Study.id, Study.study_uid, Study.patient_pk, Patient.patient_id, Patient.issuer,
+                        Study.study_date, Study.study_time, Study.accession_number, Study.description,
+                        func.coalesce(Study.patient_name, Patient.name),
+                        func.coalesce(Study.patient_birth_date, Patient.birth_date),
+                        func.coalesce(Study.patient_sex, Patient.sex),
+                        counts.c.n_series, counts.c.n_instances, confirmed_misfiled)
+                 .join(Patient, Patient.id == Study.patient_pk)
+                 .outerjoin(counts, counts.c.study_pk == Study.id).where(*filters))
+        # One read transaction (plain BEGIN on SQLite): a consistent snapshot, never a writer's lock.
+        with self._read() as session:
+            rows = session.execute(query).all()
+            modalities = defaultdict(set)
+            if rows:
+                for study_pk, modality in session.execute(
+                        select(Series.study_pk, Series.modality).distinct()
+                        .where(Series.study_pk.in_(select(Study.id).where(*filters)), Series.modality.is_not(None))):
+                    modalities[study_pk].add(modality)
+        return [StudyRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+                            tuple(sorted(modalities[r[0]])), int(r[12] or 0), int(r[13] or 0), r[14])
+                for r in rows]
+
+    def patient_records(self, patient_pks: Iterable[int] | None = None, patient_id: str | None = None,
+                        issuer: str | None = None) -> dict[int, PatientRecord]:
+        """Patient rows with their study count and earliest study date, by pk."""
+        stats = (select(Study.patient_pk, func.count(Study.id).label("n"),
+                        func.min(Study.study_date).label("first")).group_by(Study.patient_pk).subquery())
+        query = (select(Patient.id, Patient.patient_id, Patient.issuer, Patient.name, Patient.birth_date,
+                        Patient.sex, stats.c.n, stats.c.first).outerjoin(stats, stats.c.patient_pk == Patient.id))
+        if patient_pks is not None:
+            query = query.where(Patient.id.in_(list(patient_pks)))
+        if patient_id is not None:
+            query = query.where(Patient.patient_id == patient_id)
+        if issuer is not None:
+            query = query.where(Patient.issuer == issuer)
+        with self._read() as session:
+            return {r[0]: PatientRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6] or 0), r[7])
+                    for r in session.execute(query.order_by(Patient.id))}
+
+    def merge_edges(self, patient_pks: Iterable[int] | None = None) -> list[MergeEdge]:
+        """Confirmed same_patient_different_id links (touching these patients), oldest first."""
+        query = select(Link).where(Link.kind == LinkKind.same_patient_different_id,
+                                   Link.status == LinkStatus.confirmed)
+        if patient_pks is not None:
+            pks = list(patient_pks)
+            query = query.where(or_(Link.a_patient_pk.in_(pks), Link.b_patient_pk.in_(pks)))
+        with self._read() as session:
+            return [MergeEdge(link.id, link.a_patient_pk, link.b_patient_pk, link.probability, link.decided_by,
+                              _iso(link.decided_at), link.note)
+                    for link in session.scalars(query.order_by(Link.id))]
+
+def _apply(link: Link, draft: LinkDraft, now: datetime) -> None:
+    link.kind = LinkKind(draft.kind)
+    link.band = draft.band
+    link.a_study_pk, link.b_study_pk = draft.a_study_pk, draft.b_study_pk
+    link.a_patient_pk, link.b_patient_pk = draft.a_patient_pk, draft.b_patient_pk
+    link.probability, link.weight = float(draft.probability), float(draft.weight)
+    link.evidence = draft.evidence
+    link.updated_at = now
+
+
+def _event(link: Link, now, actor, action, before, after, probability, note) -> LinkEvent:
+    return LinkEvent(link_pk=link.id, at=now, actor=actor, action=action, from_status=before, to_status=after,
+                     probability=probability, note=note)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    from db.store import _aware
+    return _aware(moment).isoformat(timespec="seconds")
+
+
+def _side(facts: StudyFacts | None) -> LinkSide:
+    if facts is None:
+        return LinkSide("", "", "", [])
+    return LinkSide(facts.patient_id, facts.issuer, facts.study_uid, list(facts.series_uids), facts.name,
+                    facts.birth_date, facts.sex, facts.study_date, facts.description, list(facts.modalities))
+
+
+def _view(link: Link, facts: dict[int, StudyFacts]) -> LinkView:
+    return LinkView(link.id, link.kind.value, link.status.value, link.band, link.probability, link.weight,
+                    _side(facts.get(link.a_study_pk)), _side(facts.get(link.b_study_pk)), link.evidence or {},
+                    _iso(link.created_at), _iso(link.updated_at), _iso(link.decided_at), link.decided_by, link.note)
+
+
+__all__ = ["LinkStore", "LinkError", "SYSTEM_ACTOR"]

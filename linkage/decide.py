@@ -1,0 +1,160 @@
+"""Where a link is decided: evidence in, a probability and a band out (Fellegi-Sunter).
+
+Pure functions over plain data; the engine (`linkage.engine`) gathers the inputs.
+
+    total weight W = image evidence + demographic evidence        (natural logs)
+    P(hypothesis)  = sigmoid(W + ln(prior / (1 - prior)))
+
+Image evidence per route is the identity model's calibrated log-likelihood ratio of the
+cosine similarity (`models.calibration`), the median over the compared pairs of series
+(robust to one odd series), clipped to +-max_image_llr; routes add up because they are
+different images of the person. A route whose model has no calibration (an untrained
+network) contributes nothing, and the evidence says so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from db.records_linkage import LinkDraft, StudyFacts
+from linkage.evidence import Demographics, MatchWeights, valid_date, compare
+
+SAME = "same_patient_different_id"
+MISFILED = "different_patient_same_id"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    review: float = 0.5
+    confident: float = 0.95
+    prior_same: float = 1e-3
+    prior_misfiled: float = 1e-3
+    max_image_llr: float = 12.0
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """One compared pair of series: a's study, b's study, cosine, calibrated llr (None: uncalibrated)."""
+
+    route: str
+    a_study_pk: int
+    b_study_pk: int
+    cosine: float
+    llr: float | None
+    model: str = ""
+
+
+@dataclass
+class Decision:
+    probability: float
+    weight: float
+    band: str
+    a_study_pk: int
+    b_study_pk: int
+    evidence: dict = field(default_factory=dict)
+
+
+def demographics(facts: StudyFacts) -> Demographics:
+    return Demographics(facts.name, facts.birth_date, facts.sex, facts.age, facts.study_date, facts.issuer)
+
+
+def band_of(probability: float, t: Thresholds) -> str:
+    if probability >= t.confident:
+        return "confident"
+    return "review" if probability >= t.review else "withdrawn"
+
+
+def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
+    """Sum over routes of the clipped median llr; per-route details for the evidence."""
+    total, per_route = 0.0, {}
+    for route in sorted({p.route for p in pairs}):
+        mine = [p for p in pairs if p.route == route]
+        llrs = [p.llr for p in mine if p.llr is not None]
+        entry = {"pairs": len(mine), "median_cosine": round(statistics.median(p.cosine for p in mine), 4),
+                 "model": mine[0].model}
+        if llrs:
+            llr = max(-clip, min(clip, statistics.median(llrs)))
+            entry["weight"] = round(llr, 3)
+            total += llr
+        else:
+            entry["weight"] = 0.0
+            entry["note"] = "model has no calibration: image similarity not used"
+        per_route[route] = entry
+    return total, per_route
+
+
+def decide_same(a_studies: list[StudyFacts], b_studies: list[StudyFacts], pairs: list[ImagePair],
+                weights: MatchWeights, t: Thresholds) -> Decision:
+    """Are Patient IDs a and b one person? `pairs`: image comparisons across the two IDs."""
+    image_weight, image = image_evidence(pairs, t.max_image_llr)
+    best_llr: dict[tuple[int, int], float] = {}
+    for p in pairs:
+        key = (p.a_study_pk, p.b_study_pk)
+        best_llr[key] = max(best_llr.get(key, -math.inf), p.llr or 0.0)
+    scored: dict[tuple, tuple[float, dict]] = {}      # studies of one ID mostly repeat their demographics
+    best = None
+    for a in a_studies:
+        for b in b_studies:
+            da, db = demographics(a), demographics(b)
+            key = (da, db)
+            if valid_date(da.birth_date) and valid_date(db.birth_date):     # then age plays no part
+                key = (da.name, da.birth_date, da.sex, da.issuer, db.name, db.sex, db.issuer)
+            if key not in scored:
+                scored[key] = weights.score(compare(da, db, "same"), "same")
+            demo_weight, fields = scored[key]
+            rank = demo_weight + best_llr.get((a.study_pk, b.study_pk), 0.0)
+            if best is None or rank > best[0]:
+                best = (rank, demo_weight, fields, a.study_pk, b.study_pk)
+    _, demo_weight, fields, a_pk, b_pk = best
+    total = image_weight + demo_weight
+    probability = _posterior(total, t.prior_same)
+    evidence = {"hypothesis": "same person", "fields": fields, "image": image,
+                "image_weight": round(image_weight, 3), "demographic_weight": round(demo_weight, 3),
+                "prior": t.prior_same, "studies_compared": [len(a_studies), len(b_studies)]}
+    return Decision(probability, total, band_of(probability, t), a_pk, b_pk, evidence)
+
+
+def decide_misfiled(suspect: StudyFacts, others: list[StudyFacts], pairs: list[ImagePair],
+                    weights: MatchWeights, t: Thresholds) -> Decision | None:
+    """Is `suspect` another person's study filed under its Patient ID? `others`: that ID's other
+    studies; `pairs`: the suspect's series against theirs (a = suspect). None without others."""
+    if not others:
+        return None
+    image_weight, image = image_evidence(pairs, t.max_image_llr)
+    scored = []
+    for other in others:
+        w, fields = weights.score(compare(demographics(other), demographics(suspect), "belongs"), "belongs")
+        scored.append((w, fields, other.study_pk))
+    scored.sort(key=lambda item: item[0])
+    demo_weight, fields, _ = scored[len(scored) // 2]           # the median comparison
+    belongs = image_weight + demo_weight
+    probability = _posterior(-belongs, t.prior_misfiled)
+    reference = max(pairs, key=lambda p: p.cosine).b_study_pk if pairs else scored[-1][2]
+    evidence = {"hypothesis": "study belongs to its patient", "fields": fields, "image": image,
+                "image_weight": round(image_weight, 3), "demographic_weight": round(demo_weight, 3),
+                "prior": t.prior_misfiled, "studies_compared": len(others),
+                "image_studies_compared": len({p.b_study_pk for p in pairs})}
+    return Decision(probability, -belongs, band_of(probability, t), suspect.study_pk, reference, evidence)
+
+
+def same_key(a_patient_pk: int, b_patient_pk: int) -> str:
+    lo, hi = sorted((a_patient_pk, b_patient_pk))
+    return f"same:{lo}:{hi}"
+
+
+def misfiled_key(study_pk: int) -> str:
+    return f"misfiled:{study_pk}"
+
+
+def to_draft(kind: str, key: str, decision: Decision, a_patient_pk: int, b_patient_pk: int) -> LinkDraft:
+    evidence = dict(decision.evidence, total_weight=round(decision.weight, 3),
+                    probability=round(decision.probability, 6))
+    return LinkDraft(key, kind, decision.a_study_pk, decision.b_study_pk, a_patient_pk, b_patient_pk,
+                     decision.probability, decision.weight, decision.band, evidence)
+
+
+def _posterior(weight: float, prior: float) -> float:
+    logit = weight + math.log(prior / (1 - prior))
+    return 0.5 * (1.0 + math.tanh(0.5 * logit))

@@ -1,0 +1,303 @@
+"""The linkage engine: after a series is embedded, compare it with the store and flag mistakes.
+
+For each embedded, not yet linked series (a persisted work list: `series.linked_at`):
+
+1. its patient's studies are re-checked for one that does not look like the rest
+   (different_patient_same_id), since a new study can make an older one the odd one out;
+2. candidates for the same person under another Patient ID are the nearest stored series
+   of the same model (faiss, `linkage.search`) and the patients sharing a birth date
+   (blocking, so a person whose images were never seen before is still found by name);
+   each candidate patient pair is scored in full over all their studies;
+3. open links touching the patient are re-scored, so new evidence updates them.
+
+The decision itself is `linkage.decide`; the store is `db.links`. Nothing is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from db.links import LinkStore
+from db.records_linkage import StoredEmbedding, StudyFacts
+from linkage import decide as D
+from linkage.evidence import MatchWeights
+from linkage.search import CandidateIndex
+
+log = logging.getLogger("linkage.engine")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Similarity -> natural-log likelihood ratio of 'same person' (models.calibration's form)."""
+
+    a: float
+    b: float
+
+    def llr(self, cosine: float) -> float:
+        return self.a * cosine + self.b
+
+
+def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration]:
+    """(route, model name, model version) -> calibration, from the model cards of the registry.
+
+    Read as plain JSON so the linkage engine does not need torch. A card without a
+    calibration (or an untrained network, which has no card) gives no image evidence."""
+    out = {}
+    if not weights_dir or not Path(weights_dir).is_dir():
+        return out
+    for card_path in sorted(Path(weights_dir).glob("*/card.json")):
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            cal = card.get("calibration") or {}
+            if cal.get("method", "logistic-llr") == "logistic-llr" and "a" in cal and "b" in cal:
+                route = card.get("route") or card_path.parent.name
+                out[(route, str(card.get("name")), str(card.get("version")))] = Calibration(float(cal["a"]), float(cal["b"]))
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("%s: calibration not usable (%s)", card_path, error)
+    return out
+
+
+@dataclass
+class LinkStats:
+    series: int = 0
+    created: int = 0
+    updated: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    per_patient_ms: list[float] = field(default_factory=list)
+
+
+class LinkageEngine:
+    def __init__(self, store: LinkStore, thresholds: D.Thresholds, calibrations: dict,
+                 candidates: int = 10, max_birth_date_block: int = 50, index_dir: Path | None = None) -> None:
+        self.store = store
+        self.t = thresholds
+        self.calibrations = calibrations
+        self.k = candidates
+        self.max_block = max_birth_date_block
+        self.index_dir = index_dir
+        self.index = self._open_index()
+        self._unsaved = 0
+        self.weights = MatchWeights()
+        # One pass at a time: worker threads share this engine; a thread that finds a
+        # pass running leaves its series to it (they are on the same work list).
+        self._busy = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, store: LinkStore, settings) -> LinkageEngine:
+        cfg = settings.linkage
+        thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
+                                  cfg.prior_misfiled, cfg.max_image_llr)
+        return cls(store, thresholds, load_calibrations(settings.resolve(settings.pipeline.weights_dir)),
+                   cfg.candidates, cfg.max_birth_date_block, settings.storage_dir / cfg.index_dir)
+
+    # ----- the work list ---------------------------------------------------------------
+
+    def link_pending(self, limit: int = 256) -> LinkStats:
+        """Link every embedded series not linked yet (in batches of `limit`)."""
+        stats = LinkStats()
+        if not self._busy.acquire(blocking=False):
+            return stats
+        try:
+            self._link_all(stats, limit)
+        finally:
+            self._busy.release()
+        return stats
+
+    def _link_all(self, stats: LinkStats, limit: int) -> None:
+        started = time.perf_counter()
+        while True:
+            pending = self.store.pending_series(limit)
+            if not pending:
+                break
+            self.catch_up()
+            self.weights = MatchWeights(self.store.match_weights())
+            # A study's series arrive together: each patient is checked once per batch,
+            # against the union of the candidates of its new series.
+            by_patient: dict[int, list[StoredEmbedding]] = defaultdict(list)
+            for emb in self.store.embeddings(series_pks=pending):
+                by_patient[emb.patient_pk].append(emb)
+            # Misfiled studies first: a pair of patients is compared without them.
+            for patient in by_patient:
+                self._guarded(stats, self.check_patient, patient, stats)
+            checked: set[tuple[int, int]] = set()
+            for patient, new in by_patient.items():
+                t0 = time.perf_counter()
+                self._guarded(stats, self.link_patient, patient, new, stats, checked)
+                stats.per_patient_ms.append(1000 * (time.perf_counter() - t0))
+            stats.series += len(pending)
+            self.store.mark_linked(pending)
+        stats.seconds = time.perf_counter() - started
+        if stats.series:
+            log.info("linked %d series: %d links created, %d updated, %.0f ms", stats.series, stats.created,
+                     stats.updated, 1000 * stats.seconds)
+        self.save_index()
+
+    def catch_up(self) -> int:
+        before = len(self.index)
+        self.index.catch_up(self.store.embedding_rows_after(self.index.watermark))
+        added = len(self.index) - before
+        self._unsaved += max(added, 0)
+        return added
+
+    # ----- one patient's new series ------------------------------------------------------
+
+    @staticmethod
+    def _guarded(stats: LinkStats, step, patient: int, *args) -> None:
+        try:
+            step(patient, *args)
+        except Exception:  # one bad patient must not stop linking; it is logged, not retried forever
+            stats.errors += 1
+            log.exception("linking patient pk %d failed in %s", patient, step.__name__)
+
+    def link_patient(self, patient: int, new: list[StoredEmbedding], stats: LinkStats | None = None,
+                     checked: set[tuple[int, int]] | None = None) -> None:
+        """Compare one patient's new series with the store (after `check_patient` ran for it)."""
+        stats = stats or LinkStats()
+        checked = set() if checked is None else checked
+        candidates = set(self.store.open_same_partners(patient))
+        for emb in new:
+            candidates |= self._candidate_patients(emb)
+        candidates |= self._birth_date_block(patient)
+        candidates.discard(patient)
+        for other in sorted(candidates):
+            pair = (min(patient, other), max(patient, other))
+            if pair not in checked:
+                checked.add(pair)
+                self.check_pair(patient, other, stats)
+
+    def _candidate_patients(self, emb: StoredEmbedding) -> set[int]:
+        """Patients of the nearest stored series of the same model (other Patient IDs only)."""
+        own = {e.series_pk for e in self.store.embeddings(patient_pks=[emb.patient_pk]) if e.model_key == emb.model_key}
+        ids, _scores = self.index.search(emb.model_key, _vector(emb.vector), self.k, exclude=own)
+        return {e.patient_pk for e in self.store.embeddings(series_pks=[int(i) for i in ids])}
+
+    def _birth_date_block(self, patient: int) -> set[int]:
+        """Patients with a study carrying one of this patient's birth dates (or it day/month-swapped)."""
+        if not self.max_block:
+            return set()
+        dates = set()
+        for f in self.store.study_facts(patient_pks=[patient]).values():
+            if f.birth_date and len(f.birth_date) == 8:
+                dates |= {f.birth_date, f.birth_date[:4] + f.birth_date[6:8] + f.birth_date[4:6]}
+        return set(self.store.patients_born(dates, exclude_patient=patient, limit=self.max_block))
+
+    # ----- the two checks ------------------------------------------------------------------
+
+    def check_patient(self, patient_pk: int, stats: LinkStats) -> None:
+        """different_patient_same_id: is any of this patient's studies not like the others?"""
+        facts = self.store.study_facts(patient_pks=[patient_pk])
+        embeddings = self.store.embeddings(patient_pks=[patient_pk])
+        decisions = {}
+        for study_pk, suspect in facts.items():
+            others = [f for pk, f in facts.items() if pk != study_pk]
+            mine = [e for e in embeddings if e.study_pk == study_pk]
+            theirs = [e for e in embeddings if e.study_pk != study_pk]
+            decision = D.decide_misfiled(suspect, others, self._pairs(mine, theirs), self.weights, self.t)
+            if decision is not None:
+                decisions[study_pk] = decision
+        _one_of_two(decisions, facts)
+        for study_pk, decision in decisions.items():
+            self._save(D.MISFILED, D.misfiled_key(study_pk), decision, patient_pk, patient_pk, stats)
+
+    def check_pair(self, a_patient: int, b_patient: int, stats: LinkStats) -> None:
+        """same_patient_different_id: are these two Patient IDs one person?"""
+        # A study flagged as another person's says nothing about who its Patient ID is:
+        # its images and the demographics it carried are left out of the comparison.
+        suspects = self.store.suspect_studies([a_patient, b_patient])
+        facts = self.store.study_facts(patient_pks=[a_patient, b_patient])
+        a_studies = [f for f in facts.values() if f.patient_pk == a_patient and f.study_pk not in suspects]
+        b_studies = [f for f in facts.values() if f.patient_pk == b_patient and f.study_pk not in suspects]
+        if not a_studies or not b_studies:
+            self._withdraw_same(a_patient, b_patient, stats)
+            return
+        embeddings = [e for e in self.store.embeddings(patient_pks=[a_patient, b_patient]) if e.study_pk not in suspects]
+        pairs = self._pairs([e for e in embeddings if e.patient_pk == a_patient],
+                            [e for e in embeddings if e.patient_pk == b_patient])
+        decision = D.decide_same(a_studies, b_studies, pairs, self.weights, self.t)
+        self._save(D.SAME, D.same_key(a_patient, b_patient), decision, a_patient, b_patient, stats)
+
+    def _withdraw_same(self, a_patient: int, b_patient: int, stats: LinkStats) -> None:
+        """Nothing left to compare: an open link between the two is withdrawn (kept, audited)."""
+        if self.store.withdraw(D.same_key(a_patient, b_patient), "no study of one side is left to compare"):
+            stats.updated += 1
+
+    def _pairs(self, mine: list[StoredEmbedding], theirs: list[StoredEmbedding]) -> list[D.ImagePair]:
+        pairs = []
+        for a in mine:
+            va = _vector(a.vector)
+            for b in theirs:
+                if b.model_key != a.model_key:
+                    continue                        # vectors of different models are never compared
+                cosine = float(np.dot(va, _vector(b.vector)))
+                cal = self.calibrations.get(a.model_key)
+                pairs.append(D.ImagePair(a.route, a.study_pk, b.study_pk, cosine,
+                                         cal.llr(cosine) if cal else None, f"{a.model_key[1]} {a.model_key[2]}"))
+        return pairs
+
+    def _save(self, kind: str, key: str, decision: D.Decision, a_patient: int, b_patient: int, stats: LinkStats) -> None:
+        if kind == D.SAME and a_patient > b_patient:
+            # one orientation per pair: a is the lower patient key, its study first
+            decision = D.Decision(decision.probability, decision.weight, decision.band, decision.b_study_pk,
+                                  decision.a_study_pk, decision.evidence)
+            a_patient, b_patient = b_patient, a_patient
+        _, action = self.store.upsert(D.to_draft(kind, key, decision, a_patient, b_patient))
+        if action == "created":
+            stats.created += 1
+        elif action == "updated":
+            stats.updated += 1
+
+    # ----- the candidate index ----------------------------------------------------------
+
+    def _open_index(self) -> CandidateIndex:
+        if self.index_dir and self.index_dir.exists():
+            try:
+                index = CandidateIndex.load(self.index_dir)
+                if index is not None:
+                    return index
+            except Exception as error:  # noqa: BLE001 - a damaged index is rebuilt, never fatal
+                log.warning("candidate index in %s not usable (%s); rebuilding from the database", self.index_dir, error)
+        return CandidateIndex()
+
+    def save_index(self, force: bool = False) -> None:
+        if self.index_dir and (force or self._unsaved >= 1000):
+            self.index.save(self.index_dir)
+            self._unsaved = 0
+
+
+def _one_of_two(decisions: dict[int, D.Decision], facts: dict[int, StudyFacts]) -> None:
+    """Two studies whose images only disagree with each other: flag one, not both.
+
+    With two images of a Patient ID that do not match, either could be the stray. The one
+    with more evidence against it (its demographics disagree too) is flagged; on a tie the
+    later one, the usual stray (the earlier was filed before the mistake)."""
+    flagged = {pk: d for pk, d in decisions.items() if d.band != "withdrawn"}
+    for pk, d in list(flagged.items()):
+        other = d.b_study_pk
+        mutual = flagged.get(other)
+        if (mutual is None or mutual.b_study_pk != pk or d.evidence.get("image_studies_compared") != 1
+                or mutual.evidence.get("image_studies_compared") != 1):
+            continue
+        if abs(d.weight - mutual.weight) >= 0.5:
+            keep = pk if d.weight > mutual.weight else other
+        else:
+            keep = max((pk, other), key=lambda s: (facts[s].study_date or "", s))
+        drop = other if keep == pk else pk
+        e = decisions[drop]
+        decisions[drop] = D.Decision(e.probability, e.weight, "withdrawn", e.a_study_pk, e.b_study_pk,
+                                     dict(e.evidence, note="two disagreeing studies: the other one is flagged"))
+        flagged.pop(drop, None)
+
+
+def _vector(raw: bytes) -> np.ndarray:
+    v = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v

@@ -1,0 +1,172 @@
+"""Field comparisons, Fellegi-Sunter weights, decisions and m/u re-estimation (no database)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from db.records_linkage import StudyFacts
+from linkage import decide as D
+from linkage.evidence import (
+    DEFAULT_MU,
+    Demographics,
+    MatchWeights,
+    compare,
+    compare_age,
+    compare_birth_date,
+    compare_name,
+    compare_sex,
+    normalize_name,
+    reestimate,
+)
+
+
+def facts(pk, patient_pk=1, name="DOE^JANE", birth="19800315", sex="F", age="040Y", date="20200401", issuer="SITE-A"):
+    return StudyFacts(pk, f"1.2.{pk}", patient_pk, f"P{patient_pk}", issuer, date, name, birth, sex, age)
+
+
+@pytest.mark.parametrize("a,b,level", [
+    ("DOE^JANE", "Doe^Jane", "exact"),
+    ("DOE^JANE", "JANE^DOE", "exact"),                 # order swapped
+    ("MÜLLER^JÜRGEN", "MULLER^JURGEN", "exact"),       # diacritics
+    ("DOE^JANE", "DOE^JAEN", "close"),                 # transposition typo
+    ("DOE^JANE^MARIE", "DOE^JANE", "exact"),           # middle name missing on one side
+    ("DOE^JANE^MARIE", "DOE^JANE^MARY", "close"),
+    ("DOE^JANE", "DOE^PETER", "partial"),              # family only (twins, spouses)
+    ("DOE^JANE", "SMITH^PETER", "different"),
+    ("DOE^JANE", "", "missing"),
+    (None, "DOE^JANE", "missing"),
+])
+def test_compare_name(a, b, level):
+    assert compare_name(a, b) == level
+
+
+def test_normalize_name_drops_ideographic_groups_and_punctuation():
+    assert normalize_name("O'NEIL^MARY-ANN=オニール") == "O NEIL MARY ANN"
+
+
+@pytest.mark.parametrize("a,b,level", [
+    ("19800315", "19800315", "exact"),
+    ("19800503", "19800305", "swapped"),
+    ("19800315", "19800316", "near"),
+    ("19800315", "19810315", "near"),
+    ("19800315", "19651122", "different"),
+    ("19800315", "", "missing"),
+    ("19800315", "1980", "missing"),
+    ("19801399", "19800315", "missing"),              # not a date
+])
+def test_compare_birth_date(a, b, level):
+    assert compare_birth_date(a, b) == level
+
+
+def test_compare_sex_and_age():
+    assert compare_sex("M", "m") == "same"
+    assert compare_sex("M", "F") == "different"
+    assert compare_sex("O", "F") == "missing"
+    born = Demographics("X", "19800315", "F", None, "20000101")
+    assert compare_age(born, Demographics("X", None, "F", "040Y", "20200401")) == "consistent"
+    assert compare_age(born, Demographics("X", None, "F", "039Y", "20200301")) == "consistent"
+    assert compare_age(born, Demographics("X", None, "F", "025Y", "20200401")) == "inconsistent"
+    assert compare_age(born, Demographics("X", None, "F", None, "20200401")) == "missing"
+
+
+def test_age_is_not_counted_twice_when_birth_dates_agree():
+    a = Demographics("DOE^JANE", "19800315", "F", "040Y", "20200401", "A")
+    assert compare(a, a, "same")["age"] == "missing"
+    b = Demographics("DOE^JANE", "", "F", "040Y", "20200401", "B")
+    levels = compare(a, b, "same")
+    assert levels["age"] == "consistent" and levels["issuer"] == "different"
+
+
+def test_default_tables_are_distributions():
+    for hypothesis, fields in DEFAULT_MU.items():
+        for name, levels in fields.items():
+            assert math.isclose(sum(m for m, _ in levels.values()), 1.0, abs_tol=1e-6), (hypothesis, name)
+            assert math.isclose(sum(u for _, u in levels.values()), 1.0, abs_tol=1e-6), (hypothesis, name)
+
+
+def test_weights_sign_and_missing():
+    w = MatchWeights()
+    assert w.weight("same", "name", "exact") > 5
+    assert w.weight("same", "name", "different") < -2
+    assert w.weight("same", "birth_date", "missing") == 0.0
+    # under "belongs", agreement is weak (wrong worklist picks copy demographics), disagreement strong
+    assert 0 < w.weight("belongs", "name", "exact") < 0.5
+    assert w.weight("belongs", "name", "different") < -2
+
+
+def test_overrides_replace_one_level():
+    w = MatchWeights({("same.name", "exact"): (0.5, 0.5), ("bogus.name", "exact"): (0.1, 0.9)})
+    assert w.weight("same", "name", "exact") == 0.0
+    assert w.weight("same", "name", "close") == MatchWeights().weight("same", "name", "close")
+
+
+T = D.Thresholds(review=0.5, confident=0.95, prior_same=1e-3, prior_misfiled=1e-3, max_image_llr=12)
+
+
+def test_same_person_by_demographics_alone():
+    a = [facts(1, 1, issuer="SITE-A")]
+    b = [facts(2, 2, name="DOE^JAEN", issuer="SITE-B")]
+    d = D.decide_same(a, b, [], MatchWeights(), T)
+    assert d.band in ("review", "confident") and d.probability > 0.9
+    assert d.evidence["fields"]["name"]["level"] == "close"
+
+
+def test_strangers_sharing_a_birth_date_are_not_flagged():
+    d = D.decide_same([facts(1, 1)], [facts(2, 2, name="SMITH^PETER", sex="M")], [], MatchWeights(), T)
+    assert d.band == "withdrawn" and d.probability < 0.01
+
+
+def test_image_evidence_decides_twins():
+    twin_a, twin_b = [facts(1, 1, name="DOE^ANNA")], [facts(2, 2, name="DOE^HANNAH")]
+    plain = D.decide_same(twin_a, twin_b, [], MatchWeights(), T)
+    unlike = D.decide_same(twin_a, twin_b, [D.ImagePair("chest_xr", 1, 2, 0.1, -8.0)], MatchWeights(), T)
+    alike = D.decide_same(twin_a, twin_b, [D.ImagePair("chest_xr", 1, 2, 0.9, 8.0)], MatchWeights(), T)
+    assert unlike.probability < plain.probability < alike.probability
+    assert unlike.band == "withdrawn" and alike.band == "confident"
+
+
+def test_image_llr_is_clipped_and_uncalibrated_routes_say_so():
+    pairs = [D.ImagePair("chest_xr", 1, 2, 0.99, 50.0), D.ImagePair("fundus", 1, 2, 0.5, None)]
+    total, per_route = D.image_evidence(pairs, clip=12)
+    assert total == 12
+    assert per_route["fundus"]["weight"] == 0.0 and "calibration" in per_route["fundus"]["note"]
+
+
+def test_median_resists_one_odd_series():
+    pairs = [D.ImagePair("chest_ct", 1, 2, 0.9, 9.0), D.ImagePair("chest_ct", 1, 3, 0.9, 8.0),
+             D.ImagePair("chest_ct", 1, 4, 0.1, -12.0)]
+    assert D.image_evidence(pairs, clip=12)[0] == 8.0
+
+
+def test_misfiled_by_image_with_copied_demographics():
+    suspect = facts(9)
+    others = [facts(1), facts(2, date="20210101")]
+    pairs = [D.ImagePair("chest_xr", 9, 1, 0.05, -11.0), D.ImagePair("chest_xr", 9, 2, 0.1, -10.0)]
+    d = D.decide_misfiled(suspect, others, pairs, MatchWeights(), T)
+    assert d.probability > 0.95 and d.a_study_pk == 9 and d.b_study_pk == 2
+    fitting = D.decide_misfiled(suspect, others, [D.ImagePair("chest_xr", 9, 1, 0.9, 9.0)], MatchWeights(), T)
+    assert fitting.band == "withdrawn"
+
+
+def test_misfiled_by_demographics_when_the_wrong_id_was_typed():
+    suspect = facts(9, name="SMITH^PETER", birth="19551201", sex="M", age="064Y")
+    d = D.decide_misfiled(suspect, [facts(1), facts(2)], [], MatchWeights(), T)
+    assert d.band in ("review", "confident")
+    assert D.decide_misfiled(suspect, [], [], MatchWeights(), T) is None
+
+
+def test_reestimate_moves_towards_reviews():
+    confirmed = {"fields": {"name": {"level": "partial"}}}
+    decided = [("same_patient_different_id", "confirmed", confirmed)] * 10
+    rows = reestimate(decided)
+    m, u, n_m, n_u = rows[("same.name", "partial")]
+    assert n_m == 10 and n_u == 0
+    assert m > DEFAULT_MU["same"]["name"]["partial"][0]
+    w = MatchWeights({k: v[:2] for k, v in rows.items()})
+    assert w.weight("same", "name", "partial") > MatchWeights().weight("same", "name", "partial")
+    # a rejected misfiled flag says the study did belong: the m side of "belongs"
+    rows = reestimate([("different_patient_same_id", "rejected", {"fields": {"name": {"level": "different"}}})])
+    assert rows[("belongs.name", "different")][2] == 1
+    assert reestimate([]) == {}
