@@ -385,6 +385,23 @@ class LinkStore:
                               _iso(link.decided_at), link.note)
                     for link in session.scalars(query.order_by(Link.id))]
 
+    # ----- web pages (dashboard) -----------------------------------------
+
+    def link_counts(self) -> dict[str, int]:
+        """Links by status; `open` counts only those listed for review (not withdrawn)."""
+        with self._read() as session:
+            rows = session.execute(select(Link.status, func.count()).where(
+                or_(Link.status != LinkStatus.open, Link.band != "withdrawn")).group_by(Link.status)).all()
+        counts = {status.value: 0 for status in LinkStatus}
+        counts.update({status.value: int(n) for status, n in rows})
+        return counts
+
+    def open_link_ids(self) -> list[int]:
+        """Ids of the links listed for review, in `list`'s order (most probable first)."""
+        with self._read() as session:
+            return list(session.scalars(select(Link.id).where(Link.status == LinkStatus.open, Link.band != "withdrawn")
+                                        .order_by(Link.probability.desc(), Link.id)))
+
 def _apply(link: Link, draft: LinkDraft, now: datetime) -> None:
     link.kind = LinkKind(draft.kind)
     link.band = draft.band

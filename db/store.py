@@ -78,6 +78,71 @@ class IdentityStore:
                 "bytes": int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0)))),
             }
 
+    # ----- web pages (dashboard, thumbnails) ------------------------------------------
+
+    def instances_per_hour(self, since: datetime) -> dict[str, int]:
+        """Instances received since `since`, per UTC hour ("YYYY-MM-DDTHH" -> count)."""
+        if self.engine.dialect.name == "sqlite":
+            # SQLite keeps naive UTC text ("YYYY-MM-DD HH:MM:SS.ffffff"); compare and cut as text.
+            hour = func.strftime("%Y-%m-%dT%H", Instance.received_at)
+            since = since.astimezone(timezone.utc).replace(tzinfo=None)
+        else:
+            hour = func.to_char(func.date_trunc("hour", func.timezone("UTC", Instance.received_at)),
+                                'YYYY-MM-DD"T"HH24')
+        with self._read_engine.connect() as connection:
+            rows = connection.execute(select(hour, func.count()).where(Instance.received_at >= since)
+                                      .group_by(hour)).all()
+        return {str(h): int(n) for h, n in rows if h}
+
+    def study_series(self, study_pks) -> dict[int, list]:
+        """Study pk -> its series (plain `SeriesBrief`), by series number."""
+        from db.records_web import SeriesBrief
+
+        pks = list(study_pks)
+        out: dict[int, list] = {pk: [] for pk in pks}
+        if not pks:
+            return out
+        with self._read_engine.connect() as connection:
+            rows = connection.execute(
+                select(Series.id, Series.study_pk, Series.modality, Series.body_part, Series.description,
+                       Series.instance_count, Series.state, Series.route)
+                .where(Series.study_pk.in_(pks)).order_by(Series.series_number, Series.id)).all()
+        for r in rows:
+            state = r.state.value if isinstance(r.state, SeriesState) else str(r.state)
+            out[r.study_pk].append(SeriesBrief(r.id, r.study_pk, r.modality, r.body_part, r.description,
+                                               int(r.instance_count or 0), state, r.route))
+        return out
+
+    def series_files(self, series_pk: int) -> tuple[int, list[str]] | None:
+        """(instance count, stored paths relative to the storage dir ordered by instance
+        number) of one series, or None when there is no such series."""
+        with self._read_engine.connect() as connection:
+            count = connection.execute(select(Series.instance_count).where(Series.id == series_pk)).scalar()
+            if count is None:
+                return None
+            paths = connection.execute(select(Instance.path).where(Instance.series_pk == series_pk)
+                                       .order_by(Instance.instance_number, Instance.id)).scalars().all()
+        return int(count), list(paths)
+
+    def find_patient_pks(self, patient_id: str | None = None, issuer: str | None = None,
+                         name: str | None = None, limit: int = 50) -> list[int]:
+        """Patients by exact Patient ID (and issuer when given), or whose name contains `name`
+        (case-insensitive, on the patient row or any of its studies); by pk."""
+        patient_id, name = (patient_id or "").strip(), (name or "").strip()
+        if not patient_id and not name:
+            return []
+        query = select(Patient.id)
+        if patient_id:
+            query = query.where(Patient.patient_id == patient_id)
+            if issuer and issuer.strip():
+                query = query.where(Patient.issuer == issuer.strip())
+        if name:
+            pattern = "%" + name.lower().replace("%", "").replace("_", "") + "%"
+            in_studies = select(Study.patient_pk).where(func.lower(Study.patient_name).like(pattern))
+            query = query.where((func.lower(Patient.name).like(pattern)) | Patient.id.in_(in_studies))
+        with self._read_engine.connect() as connection:
+            return list(connection.execute(query.order_by(Patient.id).limit(limit)).scalars())
+
 
 def _aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything the node writes is UTC.

@@ -15,6 +15,7 @@ from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
 from linkage.cli import add_subcommands as add_linkage_subcommands
 from linkage.cli_records import add_subcommands as add_records_subcommands
 from models.cli_training import add_subcommands as add_training_subcommands
+from web.cli import add_subcommands as add_user_subcommands
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_subcommands(commands)
     add_linkage_subcommands(commands)      # links, review
     add_records_subcommands(commands)      # priors, export
+    add_user_subcommands(commands)         # user add/list/disable (web pages)
     return parser
 
 

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path("node.toml")
 
@@ -121,6 +121,34 @@ class LinkageSettings(_Section):
     index_dir: Path = Path("linkage-index")
 
 
+class WebSettings(_Section):
+    # Web pages and JSON API for archivists and clinicians, served inside `serve`.
+    enabled: bool = False
+    # Localhost by default: put a TLS reverse proxy in front to reach it from elsewhere.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Key that signs session cookies; created (mode 0600) at first start when missing.
+    session_secret_file: Path = Path("var/web-session.key")
+    # A login lasts this long, however active the user is.
+    session_lifetime_s: int = Field(8 * 3600, ge=60)
+    # HTTPS served by the node itself (PEM files); both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Mark the session cookie Secure (always so with TLS above; set true behind a TLS proxy).
+    secure_cookies: bool = False
+
+    @field_validator("tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
 class SecuritySettings(_Section):
     require_known_ae: bool = True
     peers: list[PeerSettings] = Field(default_factory=list)
@@ -135,6 +163,7 @@ class Settings(_Section):
     security: SecuritySettings = SecuritySettings()
     pipeline: PipelineSettings = PipelineSettings()
     linkage: LinkageSettings = LinkageSettings()
+    web: WebSettings = WebSettings()
     # Directory that relative paths were resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

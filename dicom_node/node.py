@@ -119,6 +119,18 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> int:
     scheduler = start_scheduler(parts.store, settings.series)
     stop = threading.Event()
     workers = start_workers(settings, parts.engine, stop)
+    web = None
+    if settings.web.enabled:
+        from web.server import start_web
+
+        try:
+            web = start_web(settings, parts.engine)
+        except Exception:
+            scp.stop()
+            scheduler.shutdown(wait=False)
+            stop.set()
+            raise
+        print(f"web pages on {web.scheme}://{settings.web.host}:{web.port}/", flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -127,6 +139,8 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> int:
         ready.set()
     stop.wait()
     log.info("stopping: finishing open associations")
+    if web is not None:
+        web.stop()
     scp.stop()
     scheduler.shutdown(wait=True)
     for worker in workers:

@@ -1,0 +1,105 @@
+"""Server-side thumbnails of stored series: PNG bytes from the DICOM files, nothing else.
+
+The middle instance of a series (by instance number; the middle frame of a multi-frame
+object) is decoded by pydicom, then, as the pipeline's loader does for display: rescale
+or Modality LUT, the VOI LUT or first window (else min-max), MONOCHROME1 inverted so bright
+means dense; colour images through pydicom's YBR and palette handling. Pillow scales it to
+fit `size` and writes a PNG. Rendered thumbnails are kept in a small in-memory LRU cache
+keyed by series pk and instance count (a late instance makes a new thumbnail); nothing
+derived from the images is written to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+SIZE = 256
+
+
+class ThumbnailError(Exception):
+    """The series has no image that can be shown."""
+
+
+def render(path: Path, size: int = SIZE) -> bytes:
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 - anything undecodable is "no thumbnail"
+        raise ThumbnailError(f"cannot decode pixels: {type(error).__name__}") from None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    if photometric == "PALETTE COLOR":
+        image = _to_uint8(apply_color_lut(pixels, ds), stretch=False)
+    elif samples == 3:
+        image = _to_uint8(pixels, stretch=pixels.dtype != np.uint8)
+    else:
+        values = apply_modality_lut(pixels, ds)
+        windowed = "WindowCenter" in ds or "VOILUTSequence" in ds
+        if windowed:
+            values = apply_voi_lut(values, ds, index=0)
+        image = _to_uint8(values, stretch=True)
+        if photometric == "MONOCHROME1":
+            image = 255 - image
+    if image.ndim not in (2, 3):
+        raise ThumbnailError("not a 2D image")
+    picture = Image.fromarray(image)
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def _to_uint8(values: np.ndarray, stretch: bool) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if not stretch:
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        return np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
+    lo, hi = np.percentile(values, 0.5), np.percentile(values, 99.5)
+    if hi <= lo:
+        lo, hi = float(values.min(initial=0)), float(values.max(initial=0))
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip((values - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+
+
+class ThumbnailCache:
+    """series pk -> PNG bytes, least recently used out, thread-safe."""
+
+    def __init__(self, identity, storage_dir: Path, entries: int = 256, size: int = SIZE) -> None:
+        self.identity = identity
+        self.storage_dir = storage_dir
+        self.entries = entries
+        self.size = size
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def png(self, series_pk: int) -> bytes | None:
+        """The thumbnail, or None when there is no such series. ThumbnailError when no image."""
+        found = self.identity.series_files(series_pk)
+        if found is None:
+            return None
+        count, paths = found
+        if not paths:
+            raise ThumbnailError("no instances stored")
+        key = (series_pk, count)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        data = render(self.storage_dir / paths[len(paths) // 2], self.size)
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+        return data
