@@ -10,7 +10,8 @@ waits until every series is linked. Per series it reports
     linked = linked_at    - last_received_at - stable_after_s
 
 (the stable delay excluded, as the issue asks; the scheduler's check interval is not), and
-per flag the time from the last instance of its two studies to the link's creation. The
+per flag the time from the last instance of the later of its two studies (that had arrived
+when the flag was created) to the link's creation. The
 cohort arrives as fast as storescu sends, so these times include waiting in the queue
 behind the rest of the cohort: an upper bound for a single study arriving on a quiet node.
 """
@@ -88,7 +89,13 @@ def main(argv=None) -> int:
     last_of_study: dict[int, object] = {}
     for study, received, _, _ in rows:
         last_of_study[study] = max(_aware(received), last_of_study.get(study, _aware(received)))
-    to_flag = [(_aware(c) - max(last_of_study[a], last_of_study[b])).total_seconds() - stable for a, b, c, _ in links]
+    # A flag is caused by the later of its two studies that had arrived when it was created
+    # (its a/b studies may be replaced later by better-matching ones).
+    to_flag = []
+    for a, b, created, _ in links:
+        arrived = [t for t in (last_of_study[a], last_of_study[b]) if t <= _aware(created)]
+        if arrived:
+            to_flag.append((_aware(created) - max(arrived)).total_seconds() - stable)
     report = {"series": len(rows), "studies": len(study_uids), "links": len(links), "send_s": round(sent, 1),
               "all_linked_s": round(total, 1), "stable_after_s": stable,
               "embed_s": percentiles(embed), "linked_s": percentiles(linked), "flag_s": percentiles(to_flag)}
