@@ -26,19 +26,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.route:
         print("dicom-node train: --route or --router is required", file=sys.stderr)
         return 2
-    if args.from_db:
-        print("dicom-node train: --from-db is not implemented yet; export the archive as a manifest", file=sys.stderr)
+    if not (args.manifest or args.synthetic or args.from_db):
+        print("dicom-node train: --manifest CSV, --from-db or --synthetic N is required", file=sys.stderr)
         return 2
-    if not (args.manifest or args.synthetic):
-        print("dicom-node train: --manifest CSV or --synthetic N is required", file=sys.stderr)
+    if args.synthetic and (args.manifest or args.from_db):
+        print("dicom-node train: --synthetic cannot be combined with --manifest or --from-db", file=sys.stderr)
         return 2
     from models.training import TrainConfig, train
+    db = {}
+    if args.from_db:
+        from dicom_node.config import load_settings
+        settings = load_settings(args.config)
+        db = dict(database_url=settings.database_url, storage_dir=settings.storage_dir,
+                  sqlite_synchronous=settings.database.sqlite_synchronous)
     cfg = TrainConfig(route=args.route, out=args.out or Path("runs") / f"train-{args.route}",
-                      manifest=args.manifest, synthetic=args.synthetic, epochs=args.epochs or 10, size=args.size,
-                      batch_size=args.batch_size, m_per_class=args.m_per_class, steps_per_epoch=args.steps_per_epoch,
-                      lr=args.lr, loss=args.loss, val_fraction=args.val_fraction, patience=args.patience,
-                      seed=args.seed, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
-                      resume=args.resume, widths=tuple(args.widths or ()),
+                      manifest=args.manifest, synthetic=args.synthetic, from_db=args.from_db, **db,
+                      epochs=args.epochs or 10, size=args.size, shape=tuple(args.shape or ()),
+                      spacing=tuple(args.spacing or ()), batch_size=args.batch_size, m_per_class=args.m_per_class,
+                      steps_per_epoch=args.steps_per_epoch, lr=args.lr, loss=args.loss, val_fraction=args.val_fraction,
+                      patience=args.patience, seed=args.seed, threads=args.threads, device=args.device,
+                      max_minutes=args.max_minutes, resume=args.resume, widths=tuple(args.widths or ()),
+                      limitations=args.limitations or "", per_image=args.per_image,
                       command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     card = train(cfg)
     v = card["metrics"]["validation"]
@@ -64,7 +72,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from dicom_node.config import load_settings
         settings = load_settings(args.config)
-        report = E.evaluate_db(args.route, settings.database_url, weights, settings.database.sqlite_synchronous)
+        report = E.evaluate_db(args.route, settings.database_url, weights, settings.database.sqlite_synchronous,
+                               storage_dir=settings.storage_dir, all_patients=args.all_patients,
+                               recompute=args.recompute, progress=sys.stderr.isatty())
+    if args.update_card:
+        if args.all_patients:
+            print("dicom-node evaluate: --update-card scores held-out patients only; drop --all-patients",
+                  file=sys.stderr)
+            return 2
+        report["command"] = "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        print(f"updated {E.update_card(report, weights, args.update_card)}")
     report["command"] = "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     clean = E.write_report(report, args.out, args.json)
     print(E.format_summary(clean))
@@ -75,20 +92,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train an identity model (metric learning) or the router")
-    train.add_argument("--route", help="route whose identity model to train (chest_xr, fundus, dermoscopy)")
+    train.add_argument("--route", help="route whose identity model to train (chest_xr, chest_ct, brain_mr, fundus, "
+                                       "dermoscopy)")
     train.add_argument("--router", action="store_true", help="train the router instead (synthetic cohorts)")
-    src = train.add_mutually_exclusive_group()
-    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (the format of ../shared/data)")
-    src.add_argument("--synthetic", type=int, default=0, metavar="N", help="N procedural patients (smoke tests)")
-    src.add_argument("--from-db", action="store_true", help="stored series labelled by Patient ID (not yet)")
+    train.add_argument("--manifest", type=Path, action="append",
+                       help="CSV with image, patient_id (the format of ../shared/data; image may be a DICOM series "
+                            "folder); repeat to combine manifests")
+    train.add_argument("--from-db", action="store_true",
+                       help="the archive's processed series of the route, labelled by issuer|Patient ID "
+                            "(database and storage of --config); combinable with --manifest")
+    train.add_argument("--synthetic", type=int, default=0, metavar="N", help="N procedural patients (smoke tests)")
     train.add_argument("--out", type=Path, default=None, help="output folder (model.pt, card.json, checkpoint.pt)")
     train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--size", type=int, default=160, help="input pixels (default 160)")
+    train.add_argument("--size", type=int, default=160, help="2D routes: input pixels (default 160)")
+    train.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                       help="volume routes: input voxels (default the route's)")
+    train.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                       help="volume routes: mm per voxel (default the route's)")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--m-per-class", type=int, default=2)
     train.add_argument("--steps-per-epoch", type=int, default=0, help="0: one pass over the training images")
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--loss", choices=("subcenter-arcface", "triplet"), default="subcenter-arcface")
+    train.add_argument("--loss", choices=("subcenter-arcface", "cosface", "multisimilarity", "triplet"),
+                       default="subcenter-arcface")
     train.add_argument("--val-fraction", type=float, default=0.15)
     train.add_argument("--patience", type=int, default=3, help="early stopping on validation mAP")
     train.add_argument("--widths", type=int, nargs=4, default=None, help="ResNet stage widths (default the route's)")
@@ -97,6 +123,10 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes (0: none)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--per-image", action="store_true",
+                       help="train on each image of a multi-image series (fundus: each eye) with label patient#k; "
+                            "the pipeline still averages the image embeddings of a series")
+    train.add_argument("--limitations", default="", help="text put first in the card's limitations")
     train.set_defaults(handler=cmd_train)
 
     ev = subparsers.add_parser("evaluate", help="retrieval/verification metrics of an identity model")
@@ -109,5 +139,10 @@ def add_subcommands(subparsers) -> None:
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics JSON here")
     ev.add_argument("--all-patients", action="store_true",
                     help="score every patient even when the model was trained on this manifest")
+    ev.add_argument("--recompute", action="store_true",
+                    help="--from-db: embed the stored series with the current model even if stored embeddings exist")
+    ev.add_argument("--update-card", metavar="DATASET",
+                    help="record the model's metrics in its card under metrics.heldout.DATASET and refit the "
+                         "card's calibration on these pairs (only for patients the model never trained on)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(handler=cmd_evaluate)

@@ -4,18 +4,25 @@
     dicom-node evaluate --route chest_xr --from-db --out report/
 
 Manifest: the CSV format of ../shared/data (columns `image`, `patient_id`, optional
-`duplicate_of`; image paths relative to the manifest). Rows with a non-empty `duplicate_of`
-(byte-identical copies) are skipped. Images (PNG/JPEG) are read as gray (or RGB for the
-colour routes) in [0, 1] and normalized by the route's chain of models.transforms at the
-model's input size (card "input.size", default the route's 224), i.e. what the pipeline does
-for 2D DICOM images. When the manifest is the one the model was trained on, the patients of
-the card's `validation_patients` are the only ones scored (never the training patients).
+`duplicate_of`; image paths relative to the manifest). `image` may also be a DICOM series
+(a folder of .dcm files, e.g. from `python -m models.synth_manifest`), loaded with the
+pipeline's loader: that is how the volume routes are scored and trained from manifests.
+Rows with a non-empty `duplicate_of` (byte-identical copies) are skipped. Images (PNG/JPEG)
+are read as gray (or RGB for the colour routes) in [0, 1] and normalized by the route's chain
+of models.transforms at the model's input geometry (card "input", default the route's), i.e.
+what the pipeline does for DICOM images. When the manifest is one the model was trained on,
+the patients of the card's `validation_patients` are the only ones scored (never the
+training patients).
 
-DB: the stored embeddings of `--route` made by the current registry model (name + version;
-falling back to the most common version, said in the report), labelled by issuer + Patient ID.
+DB (`evaluate_db`): the stored embeddings of `--route` made by the current registry model;
+when there are none (or with `--recompute`) the archive's processed series are embedded now
+with the current model (models.db_data); labels issuer|Patient ID. When the card says the
+model was trained on this archive, only its validation patients are scored.
+`--update-card NAME` records the model's metrics in the card (metrics.heldout.NAME) and
+refits the card's calibration on these pairs.
 
 Output folder: metrics.json (model, baseline "pixel-cosine" = cosine of 32 x 32 area-downsampled,
-zero-mean pixels of the same normalized input; manifest only), roc.png, cmc.png, scores.png.
+zero-mean pixels of the same normalized input, 16^3 for volumes), roc.png, cmc.png, scores.png.
 """
 
 from __future__ import annotations
@@ -54,23 +61,24 @@ def read_manifest(path: Path) -> list[tuple[Path, str]]:
 
 
 def input_transform(route: str, size: int):
-    """The route's 2D normalization chain (models.transforms) at `size` pixels."""
-    from monai.transforms import Compose, Resize, ResizeWithPadOrCrop
-
-    from models.transforms import ROUTE_INPUTS, PercentileScale, ToChannels
-    info = ROUTE_INPUTS[route]
-    if len(info.get("shape") or ()) != 2:
+    """The route's 2D normalization chain (models.transforms.route_chain) at `size` pixels."""
+    from models.transforms import ROUTE_INPUTS, route_chain
+    if len(ROUTE_INPUTS[route].get("shape") or ()) != 2:
         raise ValueError(f"route {route}: manifests of 2D images only serve the 2D routes")
-    steps = [ToChannels(info["channels"]), Resize(spatial_size=size, size_mode="longest", mode="area")]
-    if route == "chest_xr":
-        steps.append(PercentileScale(0.5, 99.5))
-    steps.append(ResizeWithPadOrCrop((size, size)))
-    return Compose(steps)
+    return route_chain(route, {"size": size})
+
+
+def read_picture(path: Path, channels: int) -> torch.Tensor:
+    """A PNG/JPEG as (C, H, W) float in [0, 1] (gray or RGB)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def load_images(paths: list[Path], route: str, size: int, progress: bool = False) -> np.ndarray:
     """(N, C, size, size) uint8 (quantized to save memory; x / 255 is the network input)."""
-    from PIL import Image
     from tqdm import tqdm
 
     from models.transforms import ROUTE_INPUTS
@@ -78,10 +86,7 @@ def load_images(paths: list[Path], route: str, size: int, progress: bool = False
     chain = input_transform(route, size)
     out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     for k, p in enumerate(tqdm(paths, desc="load", disable=not progress, leave=False)):
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        x = chain(torch.from_numpy(np.ascontiguousarray(arr)))
+        x = chain(read_picture(p, channels))
         x = x.as_tensor() if hasattr(x, "as_tensor") else x
         out[k] = np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)
     return out
@@ -111,27 +116,37 @@ def model_input_size(card: dict, route: str) -> int:
 
 # ---------------------------------------------------------------- evaluation
 
+def trained_on_manifest(card: dict, manifest: Path) -> bool:
+    data = card.get("training_data") or {}
+    used = data.get("manifests") or ([data["manifest"]] if data.get("manifest") else [])
+    return any(Path(m).resolve() == Path(manifest).resolve() for m in used)
+
+
 def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
                       all_patients: bool = False, progress: bool = False) -> dict:
+    """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
+    pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
+    from models.db_data import embed_examples, load_manifest_examples
+    from models.db_data import pixel_embeddings as example_pixels
     from models.networks import load_identity_model
+    from models.transforms import route_geometry
     model = load_identity_model(route, weights_dir, device)
     rows = read_manifest(manifest)
     note = "all patients of the manifest"
-    trained_on = (model.card.get("training_data") or {}).get("manifest")
-    if trained_on and not all_patients and Path(trained_on).resolve() == Path(manifest).resolve():
+    if trained_on_manifest(model.card, manifest) and not all_patients:
         keep = set(model.card.get("validation_patients") or [])
         rows = [r for r in rows if r[1] in keep]
         note = f"only the {len(keep)} validation patients of the card (the model was trained on this manifest)"
         if not rows:
             raise ValueError("the model was trained on this manifest and its card lists no validation patients")
-    size = model_input_size(model.card, route)
-    images = load_images([r[0] for r in rows], route, size, progress)
-    labels = [r[1] for r in rows]
-    emb = embed_images(model.net, images, device)
-    return {"route": route, "source": {"manifest": str(manifest), "selection": note, "input_size": size},
+    geometry = route_geometry(route, model.card.get("input"))
+    ex = load_manifest_examples(rows, route, geometry, progress)
+    emb = embed_examples(model.net, ex, device)
+    return {"route": route, "source": {"manifest": str(manifest), "selection": note, "input": geometry,
+                                       **({"input_size": geometry["size"]} if "size" in geometry else {})},
             "model": {"name": model.name, "version": model.version},
-            "results": {"model": M.identity_metrics(emb, labels, curves=True),
-                        "pixel-cosine": M.identity_metrics(pixel_embeddings(images), labels, with_pml=False,
+            "results": {"model": M.identity_metrics(emb, ex.labels, curves=True),
+                        "pixel-cosine": M.identity_metrics(example_pixels(ex), ex.labels, with_pml=False,
                                                            curves=True)},
             "calibration": model.card.get("calibration")}
 
@@ -165,14 +180,77 @@ def db_embeddings(route: str, database_url: str, sqlite_synchronous: str = "FULL
     return vectors, labels, {"name": used[0], "version": used[1]}, note
 
 
-def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_synchronous: str = "FULL") -> dict:
+def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_synchronous: str = "FULL",
+                storage_dir: Path | None = None, all_patients: bool = False, recompute: bool = False,
+                progress: bool = False) -> dict:
+    """Score the archive's series of `route`, labelled by issuer|Patient ID.
+
+    Stored embeddings of the current registry model are used when present (else, without a
+    storage folder, the most common stored version). With `storage_dir`, when the current model
+    made no stored embeddings or `recompute` is set, the processed series are loaded and embedded
+    with the current model (models.db_data, the pipeline's loader and the card's input geometry),
+    and the pixel-cosine baseline is scored too. When the model was trained on this database
+    (card training_data.database), only the card's validation patients are scored.
+    """
+    from models.db_data import embed_examples, load_examples, pixel_embeddings, redact_url
     from models.networks import load_identity_model
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
-    vectors, labels, used, note = db_embeddings(route, database_url, sqlite_synchronous, model.name, model.version)
-    return {"route": route, "source": {"database": "stored embeddings", "selection": note},
-            "model": used, "results": {"model": M.identity_metrics(vectors, labels, curves=True)},
+    keep, selection = None, "all patients of the archive"
+    trained_on = (model.card.get("training_data") or {}).get("database")
+    if trained_on and not all_patients and trained_on == redact_url(database_url):
+        keep = set(model.card.get("validation_patients") or [])
+        selection = f"only the {len(keep)} validation patients of the card (the model was trained on this archive)"
+    stored = None
+    if not recompute:
+        try:
+            stored = db_embeddings(route, database_url, sqlite_synchronous, model.name, model.version)
+        except ValueError:
+            stored = None
+        if stored and storage_dir is not None and stored[2] != {"name": model.name, "version": model.version}:
+            stored = None
+    results = {}
+    if stored:
+        vectors, labels, used, note = stored
+        if keep is not None:
+            mask = np.array([lab in keep for lab in labels])
+            vectors, labels = vectors[mask], [lab for lab, m in zip(labels, mask) if m]
+        source = {"database": "stored embeddings", "selection": f"{note}; {selection}"}
+    else:
+        if storage_dir is None:
+            raise ValueError(f"no stored embeddings for route {route}")
+        from models.transforms import route_geometry
+        geometry = route_geometry(route, model.card.get("input"))
+        ex, info = load_examples(route, database_url, storage_dir, geometry, sqlite_synchronous, progress, keep)
+        vectors, labels, used = embed_examples(model.net, ex, torch.device("cpu")), ex.labels, \
+            {"name": model.name, "version": model.version}
+        results["pixel-cosine"] = M.identity_metrics(pixel_embeddings(ex), labels, with_pml=False, curves=True)
+        source = {"database": "series embedded now with the current model", "selection": selection,
+                  "input": geometry, "series": info["series"], "skipped_series": info["skipped_series"]}
+    results = {"model": M.identity_metrics(vectors, labels, curves=True), **results}
+    return {"route": route, "source": source, "model": used, "results": results,
             "calibration": model.card.get("calibration") if used == {"name": model.name, "version": model.version}
             else None}
+
+
+def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
+    """Record the report's model metrics in the card (metrics.heldout[dataset]) and refit its calibration
+    on these pairs. The card's sha256 is of model.pt, so it stays valid."""
+    from models.calibration import fit_calibration
+    card_path = Path(weights_dir) / report["route"] / "card.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    if (card.get("name"), card.get("version")) != (report["model"]["name"], report["model"]["version"]):
+        raise ValueError(f"{card_path}: the report is of another model")
+    r = report["results"]["model"]
+    card.setdefault("metrics", {}).setdefault("heldout", {})[dataset] = {
+        **M.summary(r), "source": report["source"], "command": report.get("command", ""),
+        **({"pixel-cosine": M.summary(report["results"]["pixel-cosine"])} if "pixel-cosine" in report["results"]
+           else {})}
+    cal = fit_calibration(r["_curves"]["genuine"], r["_curves"]["impostor"],
+                          fitted_on=f"held-out pairs: {dataset} ({r['patients']} patients, {r['images']} examples)")
+    card["calibration"] = cal.to_json()
+    report["calibration"] = card["calibration"]
+    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return card_path
 
 
 # ---------------------------------------------------------------- report

@@ -7,7 +7,8 @@
                                                      3x64x64 thumbnail -> image probabilities,
                                                      combined with the header-rule table
                                                      -> RouteDecision (route, confidence, findings)
-      3. normalize  models.transforms ROUTE_TRANSFORMS[route]  (MONAI chain per route, with the
+      3. normalize  models.transforms route_chain(route)  (MONAI chain per route at the input
+                                                     geometry of the route's model card, with the
                                                      enhancement steps settings switch on)
       4. embed      models.networks IdentityModel[route]       (MONAI ResNet, L2-normalized)
     -> (RouteDecision, EmbeddingResult | None)
@@ -63,11 +64,13 @@ class SeriesPipeline:
         self.settings = settings
         self.weights_dir = Path(weights_dir if weights_dir is not None else settings.weights_dir)
         self.device = pick_device(settings.device)
-        self.transforms = build_route_transforms(settings.enhance)
         self.router = Router.load(self.weights_dir / "router", settings.min_route_confidence, self.device)
         self.models: dict[str, IdentityModel] = {
             route: load_identity_model(route, self.weights_dir, self.device)
             for route in self.router.classes if ROUTE_INPUTS.get(route, {}).get("channels")}
+        # each route's chain at its model's input geometry (card "input"; default ROUTE_INPUTS)
+        self.transforms = build_route_transforms(
+            settings.enhance, {route: model.card.get("input") for route, model in self.models.items()})
         self.profile: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(STAGES + ("series",), 0.0))
 
     # ------------------------------------------------------------------ one series

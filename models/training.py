@@ -1,24 +1,30 @@
 """Metric learning of an identity network with patient identity as the label.
 
     dicom-node train --route chest_xr --manifest ../shared/data/cxr-pediatric/manifest.csv --out DIR
+    dicom-node --config node.toml train --route fundus --from-db --size 128 --out DIR
     dicom-node train --route chest_xr --synthetic 40 --out DIR          # procedural patients (tests)
 
-* data: a manifest (models.evaluate.read_manifest; images normalized by the route's chain at
-  `--size`) or `--synthetic N` procedural chest-like patients; patient-disjoint split: a
-  fraction of the patients with >= 2 images is validation, everything else trains (patients
-  with a single image still train: the M-per-class sampler repeats the image, so its
-  augmented copies are the positives);
-* pytorch-metric-learning: MPerClassSampler (m images per patient per batch), loss
+* data: a manifest (models.evaluate.read_manifest; 2D images normalized by the route's chain
+  at `--size`), and/or `--from-db`: the archive's processed series of the route, labelled by
+  issuer|Patient ID (models.db_data: the pipeline's loader and the route's chain at the
+  model's input geometry, `--size` for 2D, `--shape`/`--spacing` for volumes; cached in
+  memory as uint8), or `--synthetic N` procedural chest-like patients. An example is a series
+  (one image, a volume, or several images whose embeddings are averaged as in the pipeline).
+  Patient-disjoint split: a fraction of the patients with >= 2 examples is validation,
+  everything else trains (a patient with a single example still trains: the M-per-class
+  sampler repeats it, so its augmented copies are the positives);
+* pytorch-metric-learning: MPerClassSampler (m examples per patient per batch), loss
   `subcenter-arcface` (default; 3 sub-centres per patient, so a few wrong Patient IDs fall in a
-  non-dominant sub-centre instead of pulling the patient's centre) or `triplet` (cosine margin,
+  non-dominant sub-centre instead of pulling the patient's centre), `cosface` (additive cosine
+  margin; starts learning sooner from scratch), `multisimilarity` (pair-based) or `triplet` (cosine margin,
   semi-hard triplets from TripletMarginMiner: hardest triplets are mostly label noise);
   MultiSimilarityMiner weights the examples of the ArcFace loss;
-* MONAI random augmentations for radiographs: affine (rotation, shift, scale, shear), contrast
-  gamma, noise, blur, coarse dropout (arrows and labels on figures); no flips;
+* MONAI random augmentations per route (models.augment);
 * validation mAP after each epoch, early stopping (`--patience`), `checkpoint.pt` each epoch
   (`--resume` continues it), tqdm progress when stderr is a terminal;
-* output: model.pt (best epoch) + card.json (arch, input size, metrics, calibration fitted on the
-  validation pairs, sha256, code version, data, command), loadable by load_identity_model.
+* output: model.pt (best epoch) + card.json (arch, input geometry, metrics, calibration fitted on
+  the validation pairs, sha256, code version, data, command), loadable by load_identity_model;
+  the pipeline builds the route's chain at the card's input geometry.
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ import numpy as np
 import torch
 
 from models import metrics as M
+from models.augment import augmentations, describe
 from models.calibration import fit_calibration
-from models.evaluate import as_float, embed_images, load_images, read_manifest
+from models.db_data import Examples, as_float, embed_examples, load_examples, load_manifest_examples, pool
+from models.evaluate import read_manifest
 from models.networks import DEFAULT_SPECS, EmbeddingNet, NetSpec, seeded, sha256_file, spec_dict
+from models.transforms import route_geometry
 
 log = logging.getLogger("models.training")
 
@@ -47,13 +56,19 @@ log = logging.getLogger("models.training")
 class TrainConfig:
     route: str
     out: Path
-    manifest: Path | None = None
+    manifest: Path | list[Path] | None = None   # one or several manifests (image files or DICOM series)
     synthetic: int = 0
+    from_db: bool = False
+    database_url: str = ""            # --from-db: the node's database and storage folder
+    storage_dir: Path | None = None
+    sqlite_synchronous: str = "FULL"
     epochs: int = 10
-    size: int = 160
+    size: int = 160                   # 2D routes: input pixels
+    shape: tuple[int, ...] = ()       # volume routes: input voxels (default the route's)
+    spacing: tuple[float, ...] = ()   # volume routes: mm per voxel (default the route's)
     batch_size: int = 32
     m_per_class: int = 2
-    steps_per_epoch: int = 0          # 0: one pass over the training images
+    steps_per_epoch: int = 0          # 0: one pass over the training examples
     lr: float = 1e-3
     loss: str = "subcenter-arcface"
     val_fraction: float = 0.15
@@ -64,8 +79,15 @@ class TrainConfig:
     max_minutes: float = 0.0          # 0: no time limit
     resume: bool = False
     widths: tuple[int, ...] = ()
+    per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
     command: str = ""
+    limitations: str = ""
     extra: dict = field(default_factory=dict)
+
+    def geometry(self) -> dict:
+        if DEFAULT_SPECS[self.route].spatial_dims == 2:
+            return route_geometry(self.route, {"size": self.size})
+        return route_geometry(self.route, {"shape": list(self.shape) or None, "spacing": list(self.spacing) or None})
 
 
 # ---------------------------------------------------------------- data
@@ -112,21 +134,6 @@ def split_patients(labels: list[str], val_fraction: float, seed: int) -> tuple[n
     return np.flatnonzero(~is_val), np.flatnonzero(is_val), sorted(val)
 
 
-def augmentations(size: int, seed: int):
-    from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandCoarseDropout, RandGaussianNoise,
-                                  RandGaussianSmooth)
-    chain = Compose([
-        RandAffine(prob=0.9, rotate_range=(0.15,), translate_range=(0.08 * size, 0.08 * size),
-                   scale_range=(0.12, 0.12), shear_range=(0.05, 0.05), padding_mode="zeros"),
-        RandAdjustContrast(prob=0.5, gamma=(0.7, 1.4)),
-        RandGaussianSmooth(prob=0.2, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
-        RandGaussianNoise(prob=0.3, std=0.03),
-        RandCoarseDropout(holes=2, spatial_size=max(2, size // 12), fill_value=1.0, prob=0.2),
-    ])
-    chain.set_random_state(seed)
-    return chain
-
-
 # ---------------------------------------------------------------- training
 
 def _plain(x) -> torch.Tensor:
@@ -153,16 +160,57 @@ def _loss_and_miner(cfg: TrainConfig, num_classes: int, dim: int):
     if cfg.loss == "subcenter-arcface":
         return (losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=28.6, scale=30,
                                             sub_centers=3), miners.MultiSimilarityMiner(epsilon=0.1))
+    if cfg.loss == "cosface":
+        return (losses.CosFaceLoss(num_classes=num_classes, embedding_size=dim, margin=0.2, scale=30),
+                miners.MultiSimilarityMiner(epsilon=0.1))
+    if cfg.loss == "multisimilarity":
+        return (losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1))
     if cfg.loss == "triplet":
         dist = distances.CosineSimilarity()
         return (losses.TripletMarginLoss(margin=0.2, distance=dist),
                 miners.TripletMarginMiner(margin=0.2, distance=dist, type_of_triplets="semihard"))
-    raise ValueError(f"unknown loss {cfg.loss!r} (subcenter-arcface or triplet)")
+    raise ValueError(f"unknown loss {cfg.loss!r} (subcenter-arcface, cosface, multisimilarity or triplet)")
 
 
-def validate(net, images, labels, device) -> tuple[dict, np.ndarray]:
-    emb = embed_images(net, images, device)
-    return M.identity_metrics(emb, labels, with_pml=False, curves=True), emb
+def validate(net, ex: Examples, device) -> dict:
+    return M.identity_metrics(embed_examples(net, ex, device), ex.labels, with_pml=False, curves=True)
+
+
+def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Examples, dict]:
+    parts, data = [], {}
+    manifests = [cfg.manifest] if isinstance(cfg.manifest, (str, Path)) else list(cfg.manifest or [])
+    for manifest in manifests:
+        rows = read_manifest(manifest)
+        parts.append(load_manifest_examples(rows, cfg.route, geometry, progress))
+        data.setdefault("manifests", []).append(str(Path(manifest).resolve()))
+        data.setdefault("manifest_rows", []).append(len(rows))
+    if len(manifests) == 1:
+        data["manifest"] = data["manifests"][0]
+    if cfg.from_db:
+        ex, info = load_examples(cfg.route, cfg.database_url, cfg.storage_dir, geometry, cfg.sqlite_synchronous,
+                                 progress)
+        parts.append(ex)
+        data.update(database=info["database"], database_series=info["series"], database_images=info["images"],
+                    database_skipped_series=info["skipped_series"], database_labels=info["label"])
+    if cfg.synthetic:
+        images, labels = synthetic_patients(cfg.synthetic, 3, geometry["size"], cfg.seed)
+        parts.append(Examples.single(images, labels))
+        data.update(synthetic_patients=cfg.synthetic, synthetic_images=len(labels))
+    if not parts:
+        raise ValueError("training needs --manifest, --from-db or --synthetic N")
+    ex = parts[0]
+    for part in parts[1:]:
+        ex = ex.concat(part)
+    if cfg.per_image:              # each image of a multi-image series its own example: person#k (k-th image)
+        per = ex.image_index()
+        labels = [""] * len(ex.images)
+        for e, idx in enumerate(per):
+            for k, i in enumerate(idx):
+                labels[i] = f"{ex.labels[e]}#{k}" if len(idx) > 1 else ex.labels[e]
+        ex = Examples.single(ex.images, labels)
+        data["per_image"] = "each image of a series is an example labelled patient#k (k-th image of the series)"
+    data["examples"], data["images"] = len(ex), len(ex.images)
+    return ex, data
 
 
 def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
@@ -177,24 +225,18 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     device = _device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    if cfg.manifest:
-        rows = read_manifest(cfg.manifest)
-        labels = [r[1] for r in rows]
-        images = load_images([r[0] for r in rows], cfg.route, cfg.size, progress)
-        data = {"manifest": str(Path(cfg.manifest).resolve()), "images": len(rows)}
-    elif cfg.synthetic:
-        images, labels = synthetic_patients(cfg.synthetic, 3, cfg.size, cfg.seed)
-        data = {"synthetic_patients": cfg.synthetic, "images": len(labels)}
-    else:
-        raise ValueError("training needs --manifest or --synthetic N")
+    geometry = cfg.geometry()
+    ex, data = load_data(cfg, geometry, progress)
+    labels = ex.labels
     train_idx, val_idx, val_patients = split_patients(labels, cfg.val_fraction, cfg.seed)
-    classes = sorted({labels[i] for i in train_idx})
+    train_ex, val_ex = ex.subset(train_idx), ex.subset(val_idx)
+    classes = sorted(set(train_ex.labels))
     code = {c: k for k, c in enumerate(classes)}
-    train_labels = np.array([code[labels[i]] for i in train_idx])
-    val_images, val_labels = images[val_idx], [labels[i] for i in val_idx]
-    data.update(patients=len(set(labels)), train_images=int(len(train_idx)), train_patients=len(classes),
-                val_images=int(len(val_idx)), val_patients=len(val_patients))
+    train_labels = np.array([code[lab] for lab in train_ex.labels])
+    per_example = train_ex.image_index()
+    data.update(patients=len(set(labels)), train_examples=len(train_ex), train_patients=len(classes),
+                val_examples=len(val_ex), val_patients=len(val_patients))
+    data["load_seconds"] = round(time.time() - started, 1)
     log.info("data %s", data)
 
     base = DEFAULT_SPECS[cfg.route]
@@ -219,26 +261,30 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         state = ckpt["state"]
         log.info("resumed from %s at epoch %d", ckpt_path, state["epoch"])
 
-    per_epoch = cfg.steps_per_epoch * cfg.batch_size if cfg.steps_per_epoch else len(train_idx)
-    per_epoch = max(cfg.batch_size, per_epoch - per_epoch % cfg.batch_size)
+    batch = min(cfg.batch_size, cfg.m_per_class * len(classes))      # the sampler needs m x patients >= batch
+    batch -= batch % cfg.m_per_class
+    per_epoch = cfg.steps_per_epoch * batch if cfg.steps_per_epoch else len(train_ex)
+    per_epoch = max(batch, per_epoch - per_epoch % batch)
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
         t0 = time.time()
         np.random.seed(cfg.seed * 1000 + epoch)           # MPerClassSampler draws from numpy's global RNG
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        aug = augmentations(cfg.size, cfg.seed * 1000 + epoch)
-        sampler = MPerClassSampler(train_labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=per_epoch)
+        aug = augmentations(cfg.route, geometry, cfg.seed * 1000 + epoch)
+        sampler = MPerClassSampler(train_labels, cfg.m_per_class, batch, length_before_new_iter=per_epoch)
         order = np.fromiter(iter(sampler), dtype=np.int64)
         net.train()
         losses = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                    leave=False)
         for start in bar:
-            idx = order[start:start + cfg.batch_size]
-            x = torch.stack([_plain(aug(img)).clamp(0, 1) for img in as_float(images[train_idx[idx]])])
+            idx = order[start:start + batch]
+            images = [per_example[i] for i in idx]
+            owner = torch.as_tensor(np.concatenate([np.full(len(p), k) for k, p in enumerate(images)]), device=device)
+            x = torch.stack([_plain(aug(img)).clamp(0, 1) for img in as_float(train_ex.images[np.concatenate(images)])])
             y = torch.as_tensor(train_labels[idx], device=device)
-            emb = net(x.to(device))
+            emb = pool(net(x.to(device)), owner, len(idx))
             loss = loss_fn(emb, y, miner(emb, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,7 +292,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         sched.step()
-        val, _ = validate(net, val_images, val_labels, device)
+        val = validate(net, val_ex, device)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "val_mAP": val["mAP"], "val_rank1": val["rank1"], "val_auc": val["roc_auc"],
                   "seconds": round(time.time() - t0, 1)}
@@ -272,28 +318,31 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60:
             stop_reason = f"time limit {cfg.max_minutes} min"
             break
-    return finish(cfg, spec, net, state, val_images, val_labels, val_patients, data, device, stop_reason)
+    return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason)
 
 
-def finish(cfg, spec, net, state, val_images, val_labels, val_patients, data, device, stop_reason) -> dict:
+def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason) -> dict:
     """Best weights -> model.pt; validation metrics and calibration -> card.json."""
     out = Path(cfg.out)
     if state["best_state"] is not None:
         net.load_state_dict(state["best_state"])
     net = net.cpu()
-    val, _ = validate(net, val_images, val_labels, torch.device("cpu"))
+    val = validate(net, val_ex, torch.device("cpu"))
+    source = ", ".join(data.get("manifests") or []) or data.get("database") or "synthetic data"
     cal = fit_calibration(val["_curves"]["genuine"], val["_curves"]["impostor"],
-                          fitted_on=f"validation pairs of {data.get('manifest') or 'synthetic data'}")
+                          fitted_on=f"validation pairs of {source}")
     model_path = out / "model.pt"
     torch.save(net.state_dict(), model_path)
     digest = sha256_file(model_path)
     now = dt.datetime.now(dt.timezone.utc)
+    limitations = ("validation patients come from the training distribution; the calibration is fitted on the "
+                   "same validation pairs that chose the epoch (slightly optimistic); see docs/accuracy.md")
     card = {
         "name": spec.name(cfg.route),
         "version": f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}",
         "route": cfg.route,
         "arch": spec_dict(spec),
-        "input": {"size": cfg.size, "transform": f"models.evaluate.input_transform({cfg.route!r}, {cfg.size})"},
+        "input": {**geometry, "transform": f"models.transforms.route_chain({cfg.route!r}, input)"},
         "sha256": digest,
         "size_bytes": model_path.stat().st_size,
         "date": now.isoformat(timespec="seconds"),
@@ -302,16 +351,19 @@ def finish(cfg, spec, net, state, val_images, val_labels, val_patients, data, de
         "validation_patients": val_patients,
         "training": {"command": cfg.command, "loss": cfg.loss,
                      "miner": "MultiSimilarityMiner(0.1)" if cfg.loss != "triplet" else "TripletMarginMiner(semihard)",
+                     "loss_parameters": {"subcenter-arcface": "margin 28.6 deg, scale 30, 3 sub-centres",
+                                         "cosface": "margin 0.2, scale 30",
+                                         "multisimilarity": "alpha 2, beta 50, base 0.5",
+                                         "triplet": "cosine margin 0.2"}[cfg.loss],
                      "sampler": f"MPerClassSampler(m={cfg.m_per_class}, batch={cfg.batch_size})",
                      "optimizer": f"AdamW(lr={cfg.lr}, wd=1e-4), cosine schedule",
-                     "augment": "MONAI RandAffine, RandAdjustContrast, RandGaussianSmooth, RandGaussianNoise, "
-                                "RandCoarseDropout", "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-                     "stop": stop_reason, "seconds": round(state["seconds"], 1), "device": str(device),
-                     "threads": torch.get_num_threads(), "seed": cfg.seed, "history": state["history"]},
+                     "augment": describe(cfg.route, geometry), "epochs_run": state["epoch"],
+                     "best_epoch": state["best_epoch"], "stop": stop_reason, "seconds": round(state["seconds"], 1),
+                     "device": str(device), "threads": torch.get_num_threads(), "seed": cfg.seed,
+                     "history": state["history"]},
         "metrics": {"validation": M.summary(val)},
         "calibration": cal.to_json(),
-        "limitations": "validation patients come from the training distribution; the calibration is fitted on "
-                       "the same validation pairs that chose the epoch (slightly optimistic); see docs/accuracy.md",
+        "limitations": (cfg.limitations + "; " if cfg.limitations else "") + limitations,
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card

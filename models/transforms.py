@@ -1,7 +1,7 @@
 """Per-route normalization, declared in one place as MONAI transform chains.
 
-`build_route_transforms(enhance)` returns {route: Compose}; `ROUTE_TRANSFORMS` is the
-default (no enhancement). Each chain takes what `models.loading` produced for one image
+`build_route_transforms(enhance, geometry)` returns {route: Compose}; `ROUTE_TRANSFORMS` is the
+default (no enhancement, default geometry). Each chain takes what `models.loading` produced for one image
 (a volume (1, X, Y, Z) in modality units with an RAS affine, or a 2D image (C, H, W) in
 [0, 1]) and returns the network input of `ROUTE_INPUTS[route]`:
 
@@ -16,6 +16,11 @@ fundus         RGB 3 channels; resize to 224 on the long side, pad to 224 x 224
 dermoscopy     as fundus
 other          percentile scaling only; "other" is routed but never embedded
 =============  =========================================================================
+
+These sizes are the defaults. A trained model's card may declare its own input geometry
+(``"input": {"size": 128}`` for a 2D route, ``{"shape": [64, 64, 32], "spacing": [6, 6, 10]}``
+for a volume route: voxels and mm per voxel); the pipeline then builds that route's chain
+with it (`route_geometry`, `route_chain`), so small CPU-trained models run at their own size.
 
 The enhancement steps of the modular paper are transforms that settings switch on per
 route (`pipeline.enhance = {chest_xr = ["clahe"]}`), appended after the intensity
@@ -54,8 +59,8 @@ ENHANCEMENTS = ("clahe", "denoise", "edges")
 # Network input per route: channels, spatial shape, and which loaded kinds can take the route.
 ROUTE_INPUTS = {
     "chest_xr": {"channels": 1, "shape": (224, 224), "kinds": ("gray", "rgb")},
-    "chest_ct": {"channels": 1, "shape": (128, 128, 64), "kinds": ("volume",)},
-    "brain_mr": {"channels": 1, "shape": (96, 112, 64), "kinds": ("volume",)},
+    "chest_ct": {"channels": 1, "shape": (128, 128, 64), "spacing": (3.0, 3.0, 5.0), "kinds": ("volume",)},
+    "brain_mr": {"channels": 1, "shape": (96, 112, 64), "spacing": (2.0, 2.0, 2.5), "kinds": ("volume",)},
     "fundus": {"channels": 3, "shape": (224, 224), "kinds": ("rgb", "gray")},
     "dermoscopy": {"channels": 3, "shape": (224, 224), "kinds": ("rgb", "gray")},
     "other": {"channels": None, "shape": None, "kinds": ("volume", "gray", "rgb")},
@@ -254,24 +259,55 @@ def _volume(pixdim, shape, intensity) -> list:
             ResizeWithPadOrCrop(shape)]
 
 
-def build_route_transforms(enhance: Mapping[str, Sequence[str]] | None = None) -> dict[str, Compose]:
-    """{route: Compose}; `enhance` maps a route to enhancement steps appended in order."""
+def route_geometry(route: str, geometry: Mapping | None = None) -> dict:
+    """The input geometry of a route: {"size": S} for 2D routes (S x S pixels), {"shape": [X, Y, Z],
+    "spacing": [mm, mm, mm]} for volume routes. `geometry` (a model card's "input") overrides the
+    defaults of ROUTE_INPUTS; keys it does not give keep their defaults."""
+    info = ROUTE_INPUTS[route]
+    geometry = dict(geometry or {})
+    shape = info.get("shape")
+    if shape is None:
+        return {}
+    if len(shape) == 2:
+        size = int(geometry.get("size") or shape[0])
+        if size < 8:
+            raise ValueError(f"route {route}: input size {size} is too small")
+        return {"size": size}
+    out_shape = [int(v) for v in (geometry.get("shape") or shape)]
+    spacing = [float(v) for v in (geometry.get("spacing") or info["spacing"])]
+    if len(out_shape) != 3 or len(spacing) != 3 or min(out_shape) < 4 or min(spacing) <= 0:
+        raise ValueError(f"route {route}: bad volume geometry shape={out_shape} spacing={spacing}")
+    return {"shape": out_shape, "spacing": spacing}
+
+
+def route_chain(route: str, geometry: Mapping | None = None, enhance: Sequence[str] = ()) -> Compose:
+    """The normalization chain of one route at `geometry` (route_geometry), enhancement steps appended."""
+    g = route_geometry(route, geometry)
+    if route == "chest_xr":
+        steps = _image_2d(1, g["size"], (0.5, 99.5))
+    elif route == "chest_ct":
+        steps = _volume(g["spacing"], g["shape"], ScaleIntensityRange(-1000.0, 400.0, 0.0, 1.0, clip=True))
+    elif route == "brain_mr":
+        steps = _volume(g["spacing"], g["shape"], PercentileScale(1.0, 99.0))
+    elif route in ("fundus", "dermoscopy"):
+        steps = _image_2d(3, g["size"], None)
+    elif route == "other":
+        steps = [PercentileScale(1.0, 99.0)]
+    else:
+        raise ValueError(f"unknown route {route!r}")
+    return Compose(steps + [enhancement(n) for n in enhance])
+
+
+def build_route_transforms(enhance: Mapping[str, Sequence[str]] | None = None,
+                           geometry: Mapping[str, Mapping | None] | None = None) -> dict[str, Compose]:
+    """{route: Compose}; `enhance` maps a route to enhancement steps appended in order, `geometry`
+    a route to its input geometry (the "input" of the route's model card; default ROUTE_INPUTS)."""
     enhance = dict(enhance or {})
-    unknown = set(enhance) - set(ROUTES)
+    geometry = dict(geometry or {})
+    unknown = (set(enhance) | set(geometry)) - set(ROUTES)
     if unknown:
-        raise ValueError(f"enhancement for unknown route(s) {', '.join(sorted(unknown))}")
-    chains = {
-        "chest_xr": _image_2d(1, 224, (0.5, 99.5)),
-        "chest_ct": _volume((3.0, 3.0, 5.0), ROUTE_INPUTS["chest_ct"]["shape"],
-                            ScaleIntensityRange(-1000.0, 400.0, 0.0, 1.0, clip=True)),
-        "brain_mr": _volume((2.0, 2.0, 2.5), ROUTE_INPUTS["brain_mr"]["shape"],
-                            PercentileScale(1.0, 99.0)),
-        "fundus": _image_2d(3, 224, None),
-        "dermoscopy": _image_2d(3, 224, None),
-        "other": [PercentileScale(1.0, 99.0)],
-    }
-    return {route: Compose(steps + [enhancement(n) for n in enhance.get(route, ())])
-            for route, steps in chains.items()}
+        raise ValueError(f"enhancement or geometry for unknown route(s) {', '.join(sorted(unknown))}")
+    return {route: route_chain(route, geometry.get(route), enhance.get(route, ())) for route in ROUTES}
 
 
 ROUTE_TRANSFORMS = build_route_transforms()

@@ -54,7 +54,9 @@ def test_every_synthetic_series_is_routed_and_embedded(pipeline, cohort, storage
         v = vector(embedding)
         assert embedding.route == s["route"] and embedding.dim == v.size == 256
         assert abs(float(np.linalg.norm(v)) - 1.0) < 1e-5
-        assert embedding.model_version == "untrained-seed0" and embedding.model_name.startswith(s["route"])
+        # the shipped model of the route, by the version its card gives
+        card = json.loads((WEIGHTS / s["route"] / "card.json").read_text())
+        assert (embedding.model_name, embedding.model_version) == (card["name"], card["version"])
     assert set(pipeline.profile) == {s["route"] for s in cohort}
     assert all(stats["embed"] > 0 and stats["load"] > 0 for stats in pipeline.profile.values())
 

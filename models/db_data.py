@@ -1,0 +1,190 @@
+"""Training and evaluation examples from the node's own archive (`--from-db`).
+
+An example is one stored series that the pipeline routed to `route` (state `done`),
+labelled by its patient as the archive knows it: ``issuer|Patient ID`` (noisy labels by
+design: an ID error in the archive is a wrong label here). Each series is loaded with the
+pipeline's loader (`models.loading.load_series`) and normalized with the route's chain at
+the model's input geometry (`models.transforms.route_chain`), exactly as the pipeline does
+before embedding, then quantized to uint8 and kept in memory: every epoch re-uses them.
+
+A series with several 2D images (both eyes of a fundus study) is one example with several
+images; its embedding is the L2-normalized mean of the image embeddings, as in the
+pipeline (`Examples.owner` maps images to examples).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("models.db_data")
+
+
+@dataclass
+class Examples:
+    """Images (M, C, *spatial) uint8, `owner[m]` = example of image m, one label per example."""
+
+    images: np.ndarray
+    owner: np.ndarray
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def single(cls, images: np.ndarray, labels: list[str]) -> Examples:
+        return cls(images, np.arange(len(images)), list(labels))
+
+    def image_index(self) -> list[np.ndarray]:
+        """Per example, the indices of its images."""
+        order = np.argsort(self.owner, kind="stable")
+        bounds = np.searchsorted(self.owner[order], np.arange(len(self.labels) + 1))
+        return [order[bounds[k]:bounds[k + 1]] for k in range(len(self.labels))]
+
+    def subset(self, indices) -> Examples:
+        per = self.image_index()
+        parts = [per[i] for i in indices]
+        images = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        owner = np.concatenate([np.full(len(p), k) for k, p in enumerate(parts)]) if parts else np.zeros(0, np.int64)
+        return Examples(self.images[images], owner, [self.labels[i] for i in indices])
+
+    def concat(self, other: Examples) -> Examples:
+        if other.images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"cannot combine inputs {self.images.shape[1:]} and {other.images.shape[1:]}")
+        return Examples(np.concatenate([self.images, other.images]),
+                        np.concatenate([self.owner, other.owner + len(self.labels)]), self.labels + other.labels)
+
+
+def stored_series(route: str, database_url: str, sqlite_synchronous: str = "FULL") -> list[dict]:
+    """Processed series of `route`: [{series_pk, label, modality, body_part, paths}], paths relative to storage."""
+    from sqlalchemy import select
+
+    from db.engine import make_engine, make_sessionmaker
+    from db.models import Instance, Patient, Series, SeriesState, Study
+    engine = make_engine(database_url, sqlite_synchronous)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = session.execute(
+                select(Series.id, Series.modality, Series.body_part, Patient.issuer, Patient.patient_id)
+                .join(Study, Series.study_pk == Study.id).join(Patient, Study.patient_pk == Patient.id)
+                .where(Series.route == route, Series.state == SeriesState.done).order_by(Series.id)).all()
+            paths: dict[int, list[str]] = {}
+            for pk, path in session.execute(select(Instance.series_pk, Instance.path)
+                                            .join(Series, Instance.series_pk == Series.id)
+                                            .where(Series.route == route, Series.state == SeriesState.done)
+                                            .order_by(Instance.series_pk, Instance.instance_number,
+                                                      Instance.sop_instance_uid)):
+                paths.setdefault(pk, []).append(path)
+    finally:
+        engine.dispose()
+    return [{"series_pk": r[0], "modality": r[1], "body_part": r[2], "label": f"{r[3] or ''}|{r[4]}",
+             "paths": paths.get(r[0], [])} for r in rows if paths.get(r[0])]
+
+
+def load_examples(route: str, database_url: str, storage_dir: Path, geometry: dict | None,
+                  sqlite_synchronous: str = "FULL", progress: bool = False,
+                  patients: set[str] | None = None) -> tuple[Examples, dict]:
+    """The stored series of `route` (optionally only these patient labels) as normalized uint8 examples."""
+    from tqdm import tqdm
+
+    from models.errors import SeriesError
+    from models.loading import load_series
+    from models.transforms import route_chain
+    chain = route_chain(route, geometry)
+    series = stored_series(route, database_url, sqlite_synchronous)
+    if patients is not None:
+        series = [s for s in series if s["label"] in patients]
+    images, owner, labels, skipped = [], [], [], 0
+    for s in tqdm(series, desc=f"load {route}", disable=not progress, leave=False):
+        try:
+            loaded = load_series([Path(storage_dir) / p for p in s["paths"]], s["modality"], s["body_part"])
+            tensors = [chain(image) for image in loaded.images]
+        except (SeriesError, RuntimeError, ValueError) as error:
+            skipped += 1
+            log.warning("series %s skipped: %s", s["series_pk"], error)
+            continue
+        for t in tensors:
+            t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+            images.append(np.clip(np.rint(t.float().numpy() * 255), 0, 255).astype(np.uint8))
+            owner.append(len(labels))
+        labels.append(s["label"])
+    if not labels:
+        raise ValueError(f"no usable processed series of route {route} in the database")
+    info = {"database": redact_url(database_url), "route": route, "series": len(labels), "images": len(images),
+            "skipped_series": skipped, "label": "issuer|Patient ID as stored (noisy labels by design)"}
+    return Examples(np.stack(images), np.asarray(owner), labels), info
+
+
+def load_manifest_examples(rows: list[tuple[Path, str]], route: str, geometry: dict | None,
+                           progress: bool = False) -> Examples:
+    """Manifest rows as examples: a PNG/JPEG file is one image (2D routes); a folder of DICOM files or
+    a .dcm file is one series, loaded and normalized as the pipeline does."""
+    from tqdm import tqdm
+
+    from models.evaluate import read_picture
+    from models.loading import load_series
+    from models.transforms import ROUTE_INPUTS, route_chain
+    chain = route_chain(route, geometry)
+    images, owner, labels = [], [], []
+    for path, label in tqdm(rows, desc=f"load {route}", disable=not progress, leave=False):
+        path = Path(path)
+        if path.is_dir() or path.suffix.lower() == ".dcm":
+            files = sorted(path.glob("*.dcm")) if path.is_dir() else [path]
+            tensors = [chain(image) for image in load_series(files).images]
+        else:
+            tensors = [chain(read_picture(path, ROUTE_INPUTS[route]["channels"]))]
+        for t in tensors:
+            t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+            images.append(np.clip(np.rint(t.float().numpy() * 255), 0, 255).astype(np.uint8))
+            owner.append(len(labels))
+        labels.append(label)
+    return Examples(np.stack(images), np.asarray(owner), labels)
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (it goes into model cards)."""
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses; keep it as given
+        return url
+
+
+def as_float(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch).float().div_(255.0)
+
+
+def pool(vectors: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """L2-normalized mean of the image embeddings of each example (the pipeline's series embedding)."""
+    if len(owner) == count and bool((owner == torch.arange(count, device=owner.device)).all()):
+        return vectors
+    sums = torch.zeros(count, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+    sums = sums.index_add(0, owner, vectors)
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+@torch.inference_mode()
+def embed_examples(net: torch.nn.Module, ex: Examples, device: torch.device, batch: int = 64) -> np.ndarray:
+    """(examples, dim) float32: every image embedded, pooled per example."""
+    net.eval()
+    out = []
+    for k in range(0, len(ex.images), batch):
+        out.append(net(as_float(ex.images[k:k + batch]).to(device)).float().cpu())
+    if not out:
+        return np.zeros((0, 1), np.float32)
+    vectors = torch.cat(out)
+    return pool(vectors, torch.as_tensor(ex.owner), len(ex.labels)).numpy()
+
+
+def pixel_embeddings(ex: Examples, size: int = 32) -> np.ndarray:
+    """Baseline: area-downsampled pixels (16^3 for volumes), zero mean, averaged per example."""
+    x = as_float(ex.images)
+    x = (torch.nn.functional.adaptive_avg_pool2d(x, size) if x.ndim == 4
+         else torch.nn.functional.adaptive_avg_pool3d(x, 16)).flatten(1).double()
+    x = x - x.mean(dim=1, keepdim=True)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return pool(x, torch.as_tensor(ex.owner), len(ex.labels)).numpy()
