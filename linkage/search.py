@@ -52,6 +52,13 @@ MANIFEST = "candidates.json"
 LIVE = faiss.IDSelectorRange(0, 2**62)      # tombstones have id -1
 
 
+def _numpy_search(index, queries, k: int, **options):
+    """faiss's numpy search, also after `faiss.contrib.torch_utils` was imported in this process
+    (pytorch-metric-learning does): that swaps Index.search for a torch-aware one that takes no
+    `params`, and keeps the numpy one as `search_numpy`."""
+    return getattr(index, "search_numpy", index.search)(queries, k, **options)
+
+
 class IndexFileError(ValueError):
     """A saved index is corrupt or does not match: rebuild it from the embedding table."""
 
@@ -187,10 +194,10 @@ class VectorIndex:
             if k <= 0 or want <= 0:
                 return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in q]
             if self.kind == "exact":
-                scores, found = self._index.search(q, want)
+                scores, found = _numpy_search(self._index, q, want)
             else:
                 params = faiss.SearchParametersHNSW(sel=LIVE, efSearch=max(self.ef_search, want))
-                scores, found = self._index.search(q, want, params=params)
+                scores, found = _numpy_search(self._index, q, want, params=params)
         keep = (found >= 0) & ~np.isin(found, list(skip))
         return [(f[ok][:k], s[ok][:k]) for f, s, ok in zip(found, scores, keep)]
 

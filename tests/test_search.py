@@ -279,3 +279,15 @@ def test_concurrent_add_and_search():
     for t in threads:
         t.join()
     assert not errors and index.kind == "hnsw" and len(index) == 3000 - 29
+
+
+def test_search_survives_faiss_torch_utils_being_imported():
+    # pytorch-metric-learning (training) imports it, and it replaces faiss's Index.search
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    x = unit(3000, seed=5)
+    index = VectorIndex(DIM, exact_limit=1000)
+    index.add(np.arange(3000), x)
+    assert index.kind == "hnsw"
+    ids, _ = index.search(x[7], 3)[0]
+    assert ids[0] == 7
