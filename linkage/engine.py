@@ -30,25 +30,15 @@ from db.records_linkage import StoredEmbedding, StudyFacts
 from linkage import decide as D
 from linkage.evidence import MatchWeights
 from linkage.search import CandidateIndex
+from models.calibration import Calibration
 
 log = logging.getLogger("linkage.engine")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Similarity -> natural-log likelihood ratio of 'same person' (models.calibration's form)."""
-
-    a: float
-    b: float
-
-    def llr(self, cosine: float) -> float:
-        return self.a * cosine + self.b
 
 
 def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration]:
     """(route, model name, model version) -> calibration, from the model cards of the registry.
 
-    Read as plain JSON so the linkage engine does not need torch. A card without a
+    The cards are read as JSON (models.networks would import torch). A card without a
     calibration (or an untrained network, which has no card) gives no image evidence."""
     out = {}
     if not weights_dir or not Path(weights_dir).is_dir():
@@ -56,11 +46,10 @@ def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Ca
     for card_path in sorted(Path(weights_dir).glob("*/card.json")):
         try:
             card = json.loads(card_path.read_text(encoding="utf-8"))
-            cal = card.get("calibration") or {}
-            if cal.get("method", "logistic-llr") == "logistic-llr" and "a" in cal and "b" in cal:
+            if card.get("calibration"):
                 route = card.get("route") or card_path.parent.name
-                out[(route, str(card.get("name")), str(card.get("version")))] = Calibration(float(cal["a"]), float(cal["b"]))
-        except (OSError, ValueError, TypeError) as error:
+                out[(route, str(card.get("name")), str(card.get("version")))] = Calibration.from_json(card["calibration"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
             log.warning("%s: calibration not usable (%s)", card_path, error)
     return out
 
