@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ class LinkView:
     decided_at: str | None = None
     decided_by: str | None = None
     note: str | None = None
+
+    def to_json(self) -> dict:
+        """The shape `dicom-node links --format json` and the web API both return."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)

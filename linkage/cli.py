@@ -17,7 +17,6 @@ import csv
 import getpass
 import json
 import sys
-from dataclasses import asdict
 
 CSV_COLUMNS = ["id", "kind", "status", "band", "probability", "weight",
                "a_patient_id", "a_issuer", "a_study_uid", "a_study_date", "a_name",
@@ -37,17 +36,13 @@ def _store(args):
     return LinkStore(engine)
 
 
-def link_json(view) -> dict:
-    return asdict(view)
-
-
 def cmd_links(args: argparse.Namespace) -> int:
     store = _store(args)
     status = None if args.status == "all" else args.status
     views = store.list(status=status, kind=args.kind, include_withdrawn=args.withdrawn)
     out = sys.stdout
     if args.format == "json":
-        json.dump([link_json(v) for v in views], out, indent=2)
+        json.dump([v.to_json() for v in views], out, indent=2)
         out.write("\n")
     elif args.format == "csv":
         writer = csv.DictWriter(out, CSV_COLUMNS)

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,6 @@ class LinkStats:
     updated: int = 0
     errors: int = 0
     seconds: float = 0.0
-    per_patient_ms: list[float] = field(default_factory=list)
 
 
 class LinkageEngine:
@@ -119,9 +118,7 @@ class LinkageEngine:
                 self._guarded(stats, self.check_patient, patient, stats)
             checked: set[tuple[int, int]] = set()
             for patient, new in by_patient.items():
-                t0 = time.perf_counter()
                 self._guarded(stats, self.link_patient, patient, new, stats, checked)
-                stats.per_patient_ms.append(1000 * (time.perf_counter() - t0))
             stats.series += len(pending)
             self.store.mark_linked(pending)
         stats.seconds = time.perf_counter() - started

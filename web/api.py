@@ -77,7 +77,7 @@ def links(request: Request, status: Literal["open", "confirmed", "rejected", "al
     ctx = _ctx(request)
     views = ctx.links.list(status=None if status == "all" else status)
     ctx.accounts.audit(user.name, "api_list_links", "links", {"status": status, "links": len(views)})
-    return [services.link_json(v) for v in views]
+    return [v.to_json() for v in views]
 
 
 @router.get("/links/{link_id}", summary="One link: both studies, evidence, history, queue neighbours")

@@ -103,10 +103,6 @@ def queue(ctx: WebContext) -> list[dict]:
             for v in ctx.links.list(status="open")]
 
 
-def link_json(view) -> dict:
-    return asdict(view)
-
-
 def _get(ctx: WebContext, link_id: int):
     try:
         return ctx.links.get(link_id)
@@ -143,7 +139,7 @@ def review_item(ctx: WebContext, link_id: int) -> dict:
                           next=open_ids[position + 1] if position + 1 < len(open_ids) else None)
     elif open_ids:
         neighbours["next"] = open_ids[0]
-    return {"link": link_json(view), "kind_label": KIND_LABELS.get(view.kind, view.kind), "sides": sides,
+    return {"link": view.to_json(), "kind_label": KIND_LABELS.get(view.kind, view.kind), "sides": sides,
             "fields": fields, "image": image,
             "totals": {"image_weight": evidence.get("image_weight"),
                        "demographic_weight": evidence.get("demographic_weight"),
@@ -176,7 +172,7 @@ def decide(ctx: WebContext, link_id: int, decision: str, user: str, note: str | 
     following = next((i for i in after if i in still_open), None)
     if following is None:
         following = next((i for i in open_ids if i in still_open), None)
-    return {"link": link_json(view), "next": following}
+    return {"link": view.to_json(), "next": following}
 
 
 # ----- patients ----------------------------------------------------------------------------
