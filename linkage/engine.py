@@ -150,8 +150,9 @@ class LinkageEngine:
         stats = stats or LinkStats()
         checked = set() if checked is None else checked
         candidates = set(self.store.open_same_partners(patient))
+        own = self.store.embeddings(patient_pks=[patient])      # read once, not per new series
         for emb in new:
-            candidates |= self._candidate_patients(emb)
+            candidates |= self._candidate_patients(emb, {e.series_pk for e in own if e.model_key == emb.model_key})
         candidates |= self._birth_date_block(patient)
         candidates.discard(patient)
         for other in sorted(candidates):
@@ -160,9 +161,8 @@ class LinkageEngine:
                 checked.add(pair)
                 self.check_pair(patient, other, stats)
 
-    def _candidate_patients(self, emb: StoredEmbedding) -> set[int]:
-        """Patients of the nearest stored series of the same model (other Patient IDs only)."""
-        own = {e.series_pk for e in self.store.embeddings(patient_pks=[emb.patient_pk]) if e.model_key == emb.model_key}
+    def _candidate_patients(self, emb: StoredEmbedding, own: set[int]) -> set[int]:
+        """Patients of the nearest stored series of the same model, `own` (this patient's) excluded."""
         ids, _scores = self.index.search(emb.model_key, _vector(emb.vector), self.k, exclude=own)
         return {e.patient_pk for e in self.store.embeddings(series_pks=[int(i) for i in ids])}
 
