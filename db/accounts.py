@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import Engine, select
 
 from db.engine import make_sessionmaker
-from db.links import _iso
+from db.link_records import _iso
 from db.models import AuditEvent, UserRole, WebUser
 from db.records_web import AuditRecord, UserRecord
 from db.store import utcnow
@@ -94,4 +94,4 @@ def _user(user: WebUser) -> UserRecord:
                       user.password_hash)
 
 
-__all__ = ["AccountStore", "AccountError"]
+__all__ = ["AccountError", "AccountStore"]

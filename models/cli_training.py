@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       spacing=tuple(args.spacing or ()), batch_size=args.batch_size, m_per_class=args.m_per_class,
                       steps_per_epoch=args.steps_per_epoch, lr=args.lr, loss=args.loss, val_fraction=args.val_fraction,
                       patience=args.patience, seed=args.seed, threads=args.threads, device=args.device,
-                      max_minutes=args.max_minutes, resume=args.resume, widths=tuple(args.widths or ()),
+                      max_minutes=args.max_minutes, resume=args.resume, init=args.init, widths=tuple(args.widths or ()),
                       limitations=args.limitations or "", per_image=args.per_image,
                       command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     card = train(cfg)
@@ -123,6 +123,9 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes (0: none)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--init", type=Path, default=None, metavar="FOLDER",
+                       help="fine-tune from a trained model: a local weights folder with model.pt and card.json "
+                            "(e.g. models/weights/chest_ct); its architecture is used")
     train.add_argument("--per-image", action="store_true",
                        help="train on each image of a multi-image series (fundus: each eye) with label patient#k; "
                             "the pipeline still averages the image embeddings of a series")

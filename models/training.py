@@ -22,6 +22,9 @@
 * MONAI random augmentations per route (models.augment);
 * validation mAP after each epoch, early stopping (`--patience`), `checkpoint.pt` each epoch
   (`--resume` continues it), tqdm progress when stderr is a terminal;
+* `--init FOLDER` fine-tunes a model already trained (e.g. the shipped default, on the site's own
+  archive): its card's architecture is used and its weights are the starting point; only a local
+  folder is read, nothing is downloaded;
 * output: model.pt (best epoch) + card.json (arch, input geometry, metrics, calibration fitted on
   the validation pairs, sha256, code version, data, command), loadable by load_identity_model;
   the pipeline builds the route's chain at the card's input geometry.
@@ -46,7 +49,8 @@ from models.augment import augmentations, describe
 from models.calibration import fit_calibration
 from models.db_data import Examples, as_float, embed_examples, load_examples, load_manifest_examples, pool
 from models.evaluate import read_manifest
-from models.networks import DEFAULT_SPECS, EmbeddingNet, NetSpec, seeded, sha256_file, spec_dict
+from models.networks import (DEFAULT_SPECS, EmbeddingNet, NetSpec, load_state, read_card, seeded, sha256_file,
+                             spec_dict)
 from models.transforms import route_geometry
 
 log = logging.getLogger("models.training")
@@ -78,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     max_minutes: float = 0.0          # 0: no time limit
     resume: bool = False
+    init: Path | None = None          # weights folder (model.pt + card.json) to fine-tune from
     widths: tuple[int, ...] = ()
     per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
     command: str = ""
@@ -213,6 +218,26 @@ def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Example
     return ex, data
 
 
+def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
+    """The network to train and, with `init`, the card of the model it starts from."""
+    base = asdict(DEFAULT_SPECS[cfg.route])
+    init_card = None
+    if cfg.init is not None:
+        found = read_card(Path(cfg.init))
+        if found is None:
+            raise ValueError(f"--init {cfg.init}: no model.pt and card.json there")
+        init_card = found[0]
+        if init_card.get("route") not in (None, cfg.route):
+            raise ValueError(f"--init {cfg.init}: a {init_card.get('route')} model, not {cfg.route}")
+        arch = dict(init_card.get("arch") or {})
+        base.update({k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k in base})
+        if cfg.widths and tuple(cfg.widths) != tuple(base["widths"]):
+            raise ValueError(f"--widths {list(cfg.widths)} differs from the --init model's {list(base['widths'])}")
+    elif cfg.widths:
+        base["widths"] = tuple(cfg.widths)
+    return NetSpec(**base), init_card
+
+
 def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     """Train, checkpoint, write model.pt + card.json into cfg.out; returns the card."""
     from pytorch_metric_learning.samplers import MPerClassSampler
@@ -239,9 +264,13 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     data["load_seconds"] = round(time.time() - started, 1)
     log.info("data %s", data)
 
-    base = DEFAULT_SPECS[cfg.route]
-    spec = NetSpec(**{**asdict(base), **({"widths": tuple(cfg.widths)} if cfg.widths else {})})
-    net = seeded(lambda: EmbeddingNet(spec), cfg.seed).to(device)
+    spec, init_card = net_spec(cfg)
+    net = seeded(lambda: EmbeddingNet(spec), cfg.seed)
+    if init_card is not None:
+        load_state(net, Path(cfg.init) / "model.pt")
+        data["initialized_from"] = {"folder": str(Path(cfg.init).resolve()), "name": init_card.get("name"),
+                                    "version": init_card.get("version"), "sha256": init_card.get("sha256")}
+    net = net.to(device)
     loss_fn, miner = _loss_and_miner(cfg, len(classes), spec.dim)
     loss_fn = loss_fn.to(device)
     params = [{"params": net.parameters(), "lr": cfg.lr}]
@@ -334,7 +363,7 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
     model_path = out / "model.pt"
     torch.save(net.state_dict(), model_path)
     digest = sha256_file(model_path)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     limitations = ("validation patients come from the training distribution; the calibration is fitted on the "
                    "same validation pairs that chose the epoch (slightly optimistic); see docs/accuracy.md")
     card = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -21,15 +20,12 @@ TRAIN = ["train", "--route", "chest_xr", "--synthetic", "12", "--size", "64", "-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "chest_xr"
-    started = time.perf_counter()
     assert main(TRAIN + ["--epochs", "2", "--out", str(out)]) == 0
-    seconds = time.perf_counter() - started
-    return out, seconds
+    return out
 
 
 def test_training_writes_loadable_card(trained, tmp_path):
-    out, seconds = trained
-    assert seconds < 60
+    out = trained
     card = json.loads((out / "card.json").read_text())
     assert card["sha256"] == sha256_file(out / "model.pt")
     assert card["input"]["size"] == 64 and card["route"] == "chest_xr"
@@ -51,7 +47,7 @@ def test_training_writes_loadable_card(trained, tmp_path):
 
 
 def test_resume_continues_from_checkpoint(trained, tmp_path):
-    out, _ = trained
+    out = trained
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
     before = json.loads((copy / "card.json").read_text())["training"]["history"]
@@ -59,6 +55,33 @@ def test_resume_continues_from_checkpoint(trained, tmp_path):
     history = json.loads((copy / "card.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[:2] == before                      # epochs 1-2 not re-run
+
+
+def _learned(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_init_fine_tunes_from_a_weights_folder(trained, tmp_path, capsys):
+    out = trained
+    tuned = tmp_path / "tuned"
+    # lr 0: the fine-tuned model's weights must be exactly those it started from (batch-norm
+    # running statistics still move in training mode, so only learnable tensors are compared)
+    assert main(TRAIN + ["--epochs", "1", "--lr", "0", "--init", str(out), "--out", str(tuned)]) == 0
+    start = _learned(torch.load(out / "model.pt", weights_only=True))
+    end = _learned(torch.load(tuned / "model.pt", weights_only=True))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    card = json.loads((tuned / "card.json").read_text())
+    assert card["training_data"]["initialized_from"]["sha256"] == sha256_file(out / "model.pt")
+
+    fresh = tmp_path / "fresh"
+    assert main(TRAIN + ["--epochs", "1", "--lr", "0", "--out", str(fresh)]) == 0
+    other = _learned(torch.load(fresh / "model.pt", weights_only=True))
+    assert not all(torch.equal(start[k], other[k]) for k in start)
+
+    capsys.readouterr()
+    assert main(["train", "--route", "fundus", "--synthetic", "12", "--init", str(out),
+                 "--out", str(tmp_path / "wrong")]) != 0
+    assert "a chest_xr model, not fundus" in capsys.readouterr().err
 
 
 def _write_manifest(folder, patients=6, per=3):
@@ -81,7 +104,7 @@ def _write_manifest(folder, patients=6, per=3):
 
 
 def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
-    out, _ = trained
+    out = trained
     manifest = _write_manifest(tmp_path / "set")
     weights = tmp_path / "weights"
     shutil.copytree(out, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
