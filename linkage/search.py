@@ -12,8 +12,8 @@ vectors. Measured with 256-d person-clustered synthetic vectors on 2 shared core
 (benchmarks/search.py, docs/benchmarks.md "Candidate search"): IVF-Flat needed 1/8 of its lists
 probed for recall@20 0.96 at 200k (~125k vectors scanned per query at 10^6: > 10 ms), SQ8
 codes were no faster; HNSW M 48 reached 0.984 at efSearch 256 (200k) and 0.961 at 512 (10^6,
-6.9 ms p50, 11.8 ms p99: the 10 ms p99 target is missed on the busy machine; M 32: 0.940;
-a person's own series are missed more often than that, see the docs). Costs: a 10^6 build takes ~13 min (when the limit is
+5.4 ms p50 and 6.9 ms p99 on the quiet machine, 11.8 ms p99 on a shared one; M 32: 0.940;
+a person's own series are missed more often than that, see the docs). Costs: a 10^6 build takes 6-13 min (when the limit is
 crossed or on a rebuild; a saved index loads in ~5 s), and faiss HNSW cannot delete: a removed
 or replaced vector is a tombstone (id -1 in the id map, skipped by an IDSelector) until they
 exceed a quarter of the live vectors and the graph is rebuilt. Below exact_limit // 2 live

@@ -73,10 +73,5 @@ def test_a_study_whose_demographics_disagree_with_its_patient_is_found(scored):
     assert not any(m["variant"] == "wrong_id_typed" for m in scored["missed"]), format_report(scored)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 6 target not met: a study filed under the wrong patient with that patient's copied "
-    "demographics is found only by its images, and the shipped synthetic-route models (CPU-trained, "
-    "held-out Rank-1 0.25-0.8, docs/accuracy.md) give too little evidence against the prior; "
-    "strict: passes loudly once better models ship"))
 def test_recall_of_all_injected_errors_reaches_the_target(scored):
     assert scored["recall"] >= 0.9, format_report(scored)
