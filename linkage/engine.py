@@ -150,9 +150,11 @@ class LinkageEngine:
         stats = stats or LinkStats()
         checked = set() if checked is None else checked
         candidates = set(self.store.open_same_partners(patient))
-        own = self.store.embeddings(patient_pks=[patient])      # read once, not per new series
+        own: dict[tuple, set[int]] = defaultdict(set)            # this patient's series per model, read once
+        for e in self.store.embeddings(patient_pks=[patient]):
+            own[e.model_key].add(e.series_pk)
         for emb in new:
-            candidates |= self._candidate_patients(emb, {e.series_pk for e in own if e.model_key == emb.model_key})
+            candidates |= self._candidate_patients(emb, own[emb.model_key])
         candidates |= self._birth_date_block(patient)
         candidates.discard(patient)
         for other in sorted(candidates):

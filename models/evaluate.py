@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -233,11 +232,6 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
             else None}
 
 
-# What a card says of its calibration: training's wording (models.training.finish) or ours.
-CALIBRATION_NOTE = re.compile(r"the calibration is (?:fitted on the same validation pairs that chose the epoch "
-                              r"\(slightly optimistic\)|refitted on held-out pairs \([^)]*\))")
-
-
 def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     """Record the report's model metrics in the card (metrics.heldout[dataset]) and refit its calibration
     on these pairs. The card's sha256 is of model.pt, so it stays valid."""
@@ -254,8 +248,6 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     cal = fit_calibration(r["_curves"]["genuine"], r["_curves"]["impostor"],
                           fitted_on=f"held-out pairs: {dataset} ({r['patients']} patients, {r['images']} examples)")
     card["calibration"] = cal.to_json()
-    card["limitations"] = CALIBRATION_NOTE.sub(f"the calibration is refitted on held-out pairs ({dataset})",
-                                               card.get("limitations", ""))
     report["calibration"] = card["calibration"]
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card_path

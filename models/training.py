@@ -364,8 +364,9 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
     torch.save(net.state_dict(), model_path)
     digest = sha256_file(model_path)
     now = dt.datetime.now(dt.UTC)
-    limitations = ("validation patients come from the training distribution; the calibration is fitted on the "
-                   "same validation pairs that chose the epoch (slightly optimistic); see docs/accuracy.md")
+    limitations = ("validation patients come from the training distribution; calibration.fitted_on names the pairs "
+                   "the calibration was fitted on (at training, the validation pairs that chose the epoch: slightly "
+                   "optimistic; `evaluate --update-card` refits it on held-out pairs); see docs/accuracy.md")
     card = {
         "name": spec.name(cfg.route),
         "version": f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}",
