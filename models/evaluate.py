@@ -39,7 +39,6 @@ import torch
 from models import metrics as M
 
 log = logging.getLogger("models.evaluate")
-BASELINE_SIZE = 32
 
 
 # ---------------------------------------------------------------- manifest data (shared with training)
@@ -92,28 +91,6 @@ def load_images(paths: list[Path], route: str, size: int, progress: bool = False
     return out
 
 
-def as_float(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(batch).float().div_(255.0)
-
-
-@torch.inference_mode()
-def embed_images(net: torch.nn.Module, images: np.ndarray, device: torch.device, batch: int = 64) -> np.ndarray:
-    net.eval()
-    out = [net(as_float(images[k:k + batch]).to(device)).float().cpu().numpy() for k in range(0, len(images), batch)]
-    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
-
-
-def pixel_embeddings(images: np.ndarray, size: int = BASELINE_SIZE) -> np.ndarray:
-    """Baseline: area-downsampled pixels, zero mean per image (cosine = correlation)."""
-    x = torch.nn.functional.adaptive_avg_pool2d(as_float(images), size).flatten(1).numpy().astype(np.float64)
-    return x - x.mean(axis=1, keepdims=True)
-
-
-def model_input_size(card: dict, route: str) -> int:
-    from models.transforms import ROUTE_INPUTS
-    return int((card.get("input") or {}).get("size") or ROUTE_INPUTS[route]["shape"][0])
-
-
 # ---------------------------------------------------------------- evaluation
 
 def trained_on_manifest(card: dict, manifest: Path) -> bool:
@@ -126,8 +103,7 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
                       all_patients: bool = False, progress: bool = False) -> dict:
     """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
     pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
-    from models.db_data import embed_examples, load_manifest_examples
-    from models.db_data import pixel_embeddings as example_pixels
+    from models.db_data import embed_examples, load_manifest_examples, pixel_embeddings
     from models.networks import load_identity_model
     from models.transforms import route_geometry
     model = load_identity_model(route, weights_dir, device)
@@ -146,7 +122,7 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
                                        **({"input_size": geometry["size"]} if "size" in geometry else {})},
             "model": {"name": model.name, "version": model.version},
             "results": {"model": M.identity_metrics(emb, ex.labels, curves=True),
-                        "pixel-cosine": M.identity_metrics(example_pixels(ex), ex.labels, with_pml=False,
+                        "pixel-cosine": M.identity_metrics(pixel_embeddings(ex), ex.labels, with_pml=False,
                                                            curves=True)},
             "calibration": model.card.get("calibration")}
 

@@ -43,8 +43,8 @@ def nn_accuracy(train_emb, train_y, test_emb, test_y) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from models.augment import augmentations
-    from models.db_data import as_float
-    from models.evaluate import embed_images, load_images, pixel_embeddings, read_manifest
+    from models.db_data import Examples, as_float, embed_examples, pixel_embeddings
+    from models.evaluate import load_images, read_manifest
     from models.networks import DEFAULT_SPECS, EmbeddingNet, load_identity_model, seeded
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -78,11 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         net = seeded(lambda: EmbeddingNet(DEFAULT_SPECS[args.route]), args.seed)
     result = {"manifest": str(args.manifest), "patients": len(classes), "train_images": int(len(tr)),
               "test_images": int(len(te)), "size": args.size, "init": str(args.init or "random")}
-    px = pixel_embeddings(images)
-    px /= np.linalg.norm(px, axis=1, keepdims=True) + 1e-12
+    px = pixel_embeddings(Examples.single(images, labels))           # L2-normalized
     result["pixel_cosine_nn"] = nn_accuracy(px[tr], y[tr], px[te], y[te])
     if args.init:
-        emb = embed_images(net, images, torch.device("cpu"))
+        emb = embed_examples(net, Examples.single(images, labels), torch.device("cpu"))
         result["identity_model_nn"] = nn_accuracy(emb[tr], y[tr], emb[te], y[te])
 
     head = torch.nn.Linear(net.spec.dim, len(classes))
