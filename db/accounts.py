@@ -1,15 +1,18 @@
-"""Web accounts and the web audit trail (`web_user`, `audit_event`); plain data in and out.
+"""Web accounts, logged-out sessions and the web audit trail (`web_user`, `web_revoked_session`,
+`audit_event`); plain data in and out.
 
 Password hashing lives in `web.passwords`: this store keeps and returns hashes only.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select
+from datetime import datetime
+
+from sqlalchemy import Engine, delete, select
 
 from db.engine import make_sessionmaker
 from db.link_records import _iso
-from db.models import AuditEvent, UserRole, WebUser
+from db.models import AuditEvent, RevokedSession, UserRole, WebUser
 from db.records_web import AuditRecord, UserRecord
 from db.store import utcnow
 
@@ -68,6 +71,19 @@ class AccountStore:
             if user is None:
                 raise AccountError(f"no user {name!r}")
             user.password_hash = password_hash
+
+    # ----- logged-out sessions ------------------------------------------------------------
+
+    def revoke_session(self, sid: str, expires_at: datetime) -> None:
+        """Refuse session `sid` until `expires_at`; rows past their expiry are dropped here."""
+        with self._sessions.begin() as session:
+            session.execute(delete(RevokedSession).where(RevokedSession.expires_at <= utcnow()))
+            if session.get(RevokedSession, sid) is None:
+                session.add(RevokedSession(sid=sid, expires_at=expires_at))
+
+    def session_revoked(self, sid: str) -> bool:
+        with self._read() as session:
+            return session.get(RevokedSession, sid) is not None
 
     # ----- audit trail -------------------------------------------------------------------
 

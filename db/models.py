@@ -264,6 +264,16 @@ class WebUser(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class RevokedSession(Base):
+    """A logged-out web session id, refused until its login would have expired anyway. Kept in the
+    database, not in memory, so that restarting the node does not bring a logged-out cookie back."""
+
+    __tablename__ = "web_revoked_session"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class AuditEvent(Base):
     """Who did or saw what in the web pages (and the account commands). `target` names
     internal ids only ("link:12", "patient:7"), never Patient IDs or names."""

@@ -46,7 +46,7 @@ def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(csrf_guard)])
     app.state.ctx = WebContext(settings, engine)
-    app.state.guard = SessionGuard(settings.web.session_lifetime_s)
+    app.state.guard = SessionGuard(settings.web.session_lifetime_s, app.state.ctx.accounts)
     secure = settings.web.tls_cert_file is not None or settings.web.secure_cookies
     app.state.secure = secure
 

@@ -5,7 +5,7 @@
   a random session id, the login time and the CSRF token: no PHI. A login lasts
   `web.session_lifetime_s` from the login; the account is re-read on every request, so a
   disabled account or a changed role takes effect at once. Logout revokes the session id
-  (kept in memory until it would have expired anyway).
+  (in the database, until it would have expired anyway, so a restart does not revive it).
 * CSRF: a synchronizer token in the session, sent back by every POST as the form field
   `csrf_token` or the header `X-CSRF-Token`; a POST without the right one gets 403.
 * Roles: clinician (read), archivist (read + review), admin (everything, audit, users).
@@ -19,8 +19,12 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from datetime import timedelta
 
 from fastapi import Depends, HTTPException, Request
+
+from db.accounts import AccountStore
+from db.store import utcnow
 
 ROLES = ("archivist", "clinician", "admin")
 REVIEWERS = ("archivist", "admin")
@@ -48,24 +52,21 @@ class CurrentUser:
 
 
 class SessionGuard:
-    """Per-app state behind the cookies: revoked session ids and failed-login counts."""
+    """State behind the cookies: revoked session ids (in the database, through `accounts`) and
+    failed-login counts (in memory: a restart only resets the throttling window)."""
 
-    def __init__(self, lifetime_s: int) -> None:
+    def __init__(self, lifetime_s: int, accounts: AccountStore) -> None:
         self.lifetime_s = lifetime_s
-        self._revoked: dict[str, float] = {}
+        self._accounts = accounts
         self._failures: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
 
     def revoke(self, sid: str | None) -> None:
-        now = time.time()
-        with self._lock:
-            self._revoked = {s: t for s, t in self._revoked.items() if t > now}
-            if sid:
-                self._revoked[sid] = now + self.lifetime_s
+        if sid:
+            self._accounts.revoke_session(sid, utcnow() + timedelta(seconds=self.lifetime_s))
 
     def revoked(self, sid: str) -> bool:
-        with self._lock:
-            return sid in self._revoked
+        return self._accounts.session_revoked(sid)
 
     def throttled(self, name: str) -> bool:
         now = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import stat
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -43,6 +44,17 @@ def test_login_failure_then_success_sets_a_safe_cookie(site):
 
     c.post("/logout", data={"csrf_token": c.get("/api/session").json()["csrf_token"]})
     assert c.get("/", follow_redirects=False).headers["location"] == "/login"
+
+
+def test_a_logged_out_cookie_stays_refused_after_a_restart(site):
+    c, token = logged_in(site, "ann")
+    stolen = dict(c.cookies)
+    c.post("/logout", data={"csrf_token": token})
+    restarted = create_app(site["settings"], site["engine"], "k" * 64)       # same database and key
+    replay = TestClient(restarted, base_url="http://testserver", cookies=stolen)
+    assert replay.get("/", follow_redirects=False).headers["location"] == "/login"
+    fresh, _ = logged_in(dict(site, app=restarted), "ann")                   # other sessions still work
+    assert fresh.get("/").status_code == 200
 
 
 def test_disabled_account_loses_its_session_and_cannot_log_in(site):
@@ -136,6 +148,10 @@ def test_account_store_and_dashboard_queries(store):
     accounts.audit("ann", "view_link", "link:1", {"studies": [1, 2]})
     assert [(e.user, e.target, e.detail) for e in accounts.audit_events()] == [("ann", "link:1", {"studies": [1, 2]})]
     assert accounts.set_disabled("ann").disabled and [u.name for u in accounts.users()] == ["ann"]
+    accounts.revoke_session("old", utcnow() - timedelta(seconds=1))
+    accounts.revoke_session("new", utcnow() + timedelta(hours=1))             # drops the expired "old"
+    accounts.revoke_session("new", utcnow() + timedelta(hours=1))             # twice is fine
+    assert accounts.session_revoked("new") and not accounts.session_revoked("old")
 
     a = add_study(store, "Q1", "X", name="SMITH^ANNA", date="20200101")
     b = add_study(store, "Q2", "X", name="SMITH^ANNA", date="20210101")
