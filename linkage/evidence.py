@@ -58,6 +58,13 @@ DEFAULT_MU: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
 
 FIELDS = ("name", "birth_date", "sex", "age", "issuer")
 
+# Relatives break the independence of the fields: twins share family name, birth date and sex
+# and differ in the given name. Where only the family name agrees (name "partial"), a shared
+# birth date is much less rare among different persons than among random pairs (u 0.0005):
+# its u under "same" is TWIN_U instead (twins and same-day relatives among same-family pairs).
+TWIN_U = 0.01
+TWIN_NOTE = "only the family name agrees: the pattern of twins"
+
 
 @dataclass(frozen=True)
 class Demographics:
@@ -169,6 +176,10 @@ class MatchWeights:
     def score(self, levels: dict[str, str], hypothesis: str) -> tuple[float, dict[str, dict]]:
         """Total weight and the per-field evidence {field: {level, weight}}."""
         fields = {f: {"level": lvl, "weight": round(self.weight(hypothesis, f, lvl), 3)} for f, lvl in levels.items()}
+        if hypothesis == "same" and levels.get("name") == "partial" and levels.get("birth_date") == "exact":
+            m = self.table["same"]["birth_date"]["exact"][0]
+            fields["birth_date"] = {"level": "exact", "weight": round(math.log(max(m, 1e-9) / TWIN_U), 3),
+                                    "note": TWIN_NOTE}
         return sum(v["weight"] for v in fields.values()), fields
 
 

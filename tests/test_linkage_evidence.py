@@ -118,6 +118,18 @@ def test_strangers_sharing_a_birth_date_are_not_flagged():
     assert d.band == "withdrawn" and d.probability < 0.01
 
 
+def test_twins_shared_birth_date_weighs_less_when_only_the_family_name_agrees():
+    w = MatchWeights()
+    _, twins = w.score(compare(Demographics("DOE^ANNA", "19800315", "F", None, None),
+                               Demographics("DOE^HANNAH", "19800315", "F", None, None), "same"), "same")
+    _, typo = w.score(compare(Demographics("DOE^ANNA", "19800315", "F", None, None),
+                              Demographics("DOE^ANAN", "19800315", "F", None, None), "same"), "same")
+    assert twins["name"]["level"] == "partial" and twins["birth_date"]["level"] == "exact"
+    assert twins["birth_date"]["weight"] > 0                       # still some evidence, just less
+    assert typo["birth_date"]["weight"] - twins["birth_date"]["weight"] > 2.5
+    assert "twins" in twins["birth_date"]["note"] and "note" not in typo["birth_date"]
+
+
 def test_image_evidence_decides_twins():
     twin_a, twin_b = [facts(1, 1, name="DOE^ANNA")], [facts(2, 2, name="DOE^HANNAH")]
     plain = D.decide_same(twin_a, twin_b, [], MatchWeights(), T)

@@ -127,7 +127,7 @@ def review_item(ctx: WebContext, link_id: int) -> dict:
                       "accession_number": record.accession_number if record else None,
                       "series": [asdict(s) for s in series.get(record.study_pk, [])] if record else []})
     evidence = view.evidence or {}
-    fields = [{"field": name, "level": value.get("level"), "weight": value.get("weight")}
+    fields = [{"field": name, "level": value.get("level"), "weight": value.get("weight"), "note": value.get("note")}
               for name, value in (evidence.get("fields") or {}).items()]
     image = [{"route": route, **value} for route, value in sorted((evidence.get("image") or {}).items())]
     open_ids = ctx.links.open_link_ids()
