@@ -35,6 +35,8 @@ def facts(pk, patient_pk=1, name="DOE^JANE", birth="19800315", sex="F", age="040
     ("DOE^JANE^MARIE", "DOE^JANE^MARY", "close"),
     ("DOE^JANE", "DOE^PETER", "partial"),              # family only (twins, spouses)
     ("DOE^JANE", "SMITH^PETER", "different"),
+    ("JANE^DOE", "DOE^PETER", "partial"),              # family only, one name order swapped
+    ("DOE^JANE", "SMITH^JANE", "different"),           # given name alone
     ("DOE^JANE", "", "missing"),
     (None, "DOE^JANE", "missing"),
 ])
