@@ -44,6 +44,9 @@ sender (a separate Python process per association), which shows how much of the
 gap is the receiver and how much DCMTK's sender; --node-set section.key=value
 overrides node settings (e.g. storage.fsync=false) to measure what a setting
 costs; --node-root runs the node from another checkout (PYTHONPATH and cwd).
+
+The receivers (starting, readiness, idleness, counting what they stored) live in
+benchmarks/ingest_peers.py; this file is the corpus, the senders and the run.
 """
 
 from __future__ import annotations
@@ -55,8 +58,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -66,10 +67,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ingest_peers import (  # receivers and process bookkeeping, benchmarks/ingest_peers.py
+    HOST, SENDER_AE, STORESCP_OPTIONS, Processes, Receiver, cpu_jiffies, cpu_seconds, dcmtk_env, machine_busy,
+    parse_override, start_node, start_storescp, tail, wait_quiet)
+
 REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-NODE_AE, STORESCP_AE, SENDER_AE = "LINKNODE", "STORESCP", "STORESCU"
-STORESCP_OPTIONS = ["--fork", "-dhl", "-pdu", "131072", "+B"]
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEED = 20240611
 
@@ -175,248 +177,6 @@ def generate_corpus(root: Path, count: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-# ----- processes -------------------------------------------------------------------
-
-
-class Processes:
-    """Everything this benchmark started, killed (by its own process group) on cleanup."""
-
-    def __init__(self) -> None:
-        self.running: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self.running.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 30.0) -> None:
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        # storescp --fork children share the group; make sure none outlives its parent.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if process.poll() is None:
-            process.wait(10)
-        if process in self.running:
-            self.running.remove(process)
-
-    def stop_all(self) -> None:
-        for process in list(self.running):
-            self.stop(process, signal.SIGKILL, grace_s=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def echo(port: int, called_ae: str, timeout: float = 2.0) -> bool:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    assoc = ae.associate(HOST, port, ae_title=called_ae)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0x0000
-
-
-def wait_ready(process: subprocess.Popen, port: int, called_ae: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"receiver exited with {process.returncode}:\n{tail(log)}")
-        if echo(port, called_ae):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"receiver did not answer C-ECHO within {timeout:.0f}s:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def dcmtk_env() -> dict:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def cpu_seconds(pgid: int) -> float | None:
-    """user + system CPU of the live processes in process group `pgid`, from /proc (Linux)."""
-    total, found = 0.0, False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            found = True
-    return total if found else None
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
-
-
-def machine_busy(window_s: float = 0.5) -> float:
-    """Fraction of all cores busy over `window_s` (0..1)."""
-    busy0, total0 = cpu_jiffies()
-    time.sleep(window_s)
-    busy1, total1 = cpu_jiffies()
-    return (busy1 - busy0) / max(1, total1 - total0)
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.2) -> float:
-    """Wait (up to limit_s) until other work leaves the cores idle; return the busy fraction seen last.
-
-    On a shared machine a test suite running beside the benchmark halves the
-    node's numbers; this does not stop work that starts mid-measurement, so the
-    busy fraction during each measurement is recorded as well.
-    """
-    deadline = time.monotonic() + limit_s
-    busy = machine_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        busy = machine_busy(1.0)
-    return busy
-
-
-# ----- receivers -------------------------------------------------------------------
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def parse_override(text: str):
-    key, _, raw = text.partition("=")
-    if "." not in key or not _:
-        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
-    section, name = key.split(".", 1)
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        value = lowered == "true"
-    else:
-        try:
-            value = int(raw)
-        except ValueError:
-            try:
-                value = float(raw)
-            except ValueError:
-                value = raw
-    return section, name, value
-
-
-def write_node_config(workdir: Path, port: int, overrides: list) -> Path:
-    sections = {
-        "node": {"host": HOST, "port": port},
-        "database": {"url": f"sqlite:///{workdir / 'node.db'}"},
-        "storage": {"dir": str(workdir / "storage")},
-    }
-    for section, name, value in overrides:
-        sections.setdefault(section, {})[name] = value
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    lines.append("[security]")
-    lines.append("require_known_ae = true")
-    for ae in (SENDER_AE, "ECHOSCU", "PYNETDICOM"):
-        lines += ["[[security.peers]]", f'ae_title = "{ae}"', f'hosts = ["{HOST}"]']
-    path = workdir / "node.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@dataclass
-class Receiver:
-    name: str
-    called_ae: str
-    port: int
-    process: subprocess.Popen
-    workdir: Path
-    log: Path
-
-    def stored(self) -> int:
-        if self.name == "storescp":
-            return sum(1 for p in (self.workdir / "out").rglob("*") if p.is_file())
-        files = sum(1 for p in (self.workdir / "storage").rglob("*.dcm")
-                    if p.is_file() and "tmp" not in p.relative_to(self.workdir / "storage").parts)
-        with sqlite3.connect(f"file:{self.workdir / 'node.db'}?mode=ro", uri=True) as db:
-            rows = db.execute("SELECT count(*) FROM instance").fetchone()[0]
-        return min(files, rows)
-
-
-def start_storescp(processes: Processes, workdir: Path) -> Receiver:
-    out = workdir / "out"
-    out.mkdir(parents=True)
-    port = free_port()
-    log = workdir / "storescp.log"
-    with open(log, "ab") as handle:
-        process = processes.start(
-            ["storescp", *STORESCP_OPTIONS, "-aet", STORESCP_AE, "-od", str(out), str(port)],
-            stdout=handle, stderr=subprocess.STDOUT, env=dcmtk_env(), cwd=workdir)
-    receiver = Receiver("storescp", STORESCP_AE, port, process, workdir, log)
-    wait_ready(process, port, STORESCP_AE, log)
-    return receiver
-
-
-def start_node(processes: Processes, workdir: Path, node_root: Path, overrides: list) -> Receiver:
-    workdir.mkdir(parents=True)
-    port = free_port()
-    config = write_node_config(workdir, port, overrides)
-    log = workdir / "node.log"
-    env = {**os.environ, "TCP_NODELAY": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(node_root), os.environ.get("PYTHONPATH")]))}
-    with open(log, "ab") as handle:
-        process = processes.start([sys.executable, "-m", "dicom_node", "--config", str(config), "serve"],
-                                  stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=node_root)
-    receiver = Receiver("node", NODE_AE, port, process, workdir, log)
-    wait_ready(process, port, NODE_AE, log)
-    wait_idle(process.pid)
-    return receiver
-
-
-def wait_idle(pgid: int, limit_s: float = 120, threshold: float = 0.05) -> None:
-    """Wait until the node has finished starting up (e.g. the pipeline thread loading its models).
-
-    `serve` answers C-ECHO at once and loads the pipeline's models in a thread;
-    measuring before that is done would charge the start-up to ingest.
-    """
-    deadline = time.monotonic() + limit_s
-    previous = cpu_seconds(pgid) or 0.0
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = cpu_seconds(pgid) or 0.0
-        if current - previous < threshold * 0.5:
-            return
-        previous = current
 
 
 # ----- senders ---------------------------------------------------------------------
