@@ -79,14 +79,11 @@ def embed(route: str, manifest: Path, weights_dir: Path) -> tuple[np.ndarray, np
     import torch
     from models import metrics as M
     from models.db_data import embed_examples, load_manifest_examples
-    from models.evaluate import read_manifest, trained_on_manifest
+    from models.evaluate import scored_rows
     from models.networks import load_identity_model
     from models.transforms import route_geometry
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
-    rows = read_manifest(manifest)
-    if trained_on_manifest(model.card, manifest):
-        keep = set(model.card.get("validation_patients") or [])
-        rows = [r for r in rows if r[1] in keep]
+    rows, _ = scored_rows(model.card, manifest)
     ex = load_manifest_examples(rows, route, route_geometry(route, model.card.get("input")), False)
     with torch.no_grad():
         emb = M.normalize(embed_examples(model.net, ex, torch.device("cpu")))

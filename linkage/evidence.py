@@ -104,10 +104,10 @@ def compare_name(a: str | None, b: str | None) -> str:
     if OSA.distance(sx, sy) <= max(1, min(len(sx), len(sy)) // 6) or fuzz.token_set_ratio(x, y) >= 97:
         return "close"
     family_x, family_y = x.split()[0], y.split()[0]
-    if family_x == family_y or fuzz.ratio(family_x, family_y) >= 85 or fuzz.token_sort_ratio(x, y) >= 75:
+    # family_x in ty: one side's family name is a given name of the other (name order swapped)
+    if (family_x == family_y or family_x in ty or family_y in tx or fuzz.ratio(family_x, family_y) >= 85
+            or fuzz.token_sort_ratio(x, y) >= 75):
         return "partial"
-    if family_x in ty or family_y in tx:
-        return "partial"           # one side's family name is a given name of the other: order swapped
     return "different"
 
 

@@ -99,6 +99,18 @@ def trained_on_manifest(card: dict, manifest: Path) -> bool:
     return any(Path(m).resolve() == Path(manifest).resolve() for m in used)
 
 
+def scored_rows(card: dict, manifest: Path, all_patients: bool = False) -> tuple[list[tuple[Path, str]], str]:
+    """The manifest rows to score and why: only the card's validation patients when the model was trained on it."""
+    rows = read_manifest(manifest)
+    if all_patients or not trained_on_manifest(card, manifest):
+        return rows, "all patients of the manifest"
+    keep = set(card.get("validation_patients") or [])
+    rows = [r for r in rows if r[1] in keep]
+    if not rows:
+        raise ValueError("the model was trained on this manifest and its card lists no validation patients")
+    return rows, f"only the {len(keep)} validation patients of the card (the model was trained on this manifest)"
+
+
 def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
                       all_patients: bool = False, progress: bool = False) -> dict:
     """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
@@ -107,14 +119,7 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
     from models.networks import load_identity_model
     from models.transforms import route_geometry
     model = load_identity_model(route, weights_dir, device)
-    rows = read_manifest(manifest)
-    note = "all patients of the manifest"
-    if trained_on_manifest(model.card, manifest) and not all_patients:
-        keep = set(model.card.get("validation_patients") or [])
-        rows = [r for r in rows if r[1] in keep]
-        note = f"only the {len(keep)} validation patients of the card (the model was trained on this manifest)"
-        if not rows:
-            raise ValueError("the model was trained on this manifest and its card lists no validation patients")
+    rows, note = scored_rows(model.card, manifest, all_patients)
     geometry = route_geometry(route, model.card.get("input"))
     ex = load_manifest_examples(rows, route, geometry, progress)
     emb = embed_examples(model.net, ex, device)
