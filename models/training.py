@@ -350,6 +350,21 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason)
 
 
+STANDARD_LIMITATIONS = (
+    "validation patients come from the training distribution; calibration.fitted_on names the pairs the calibration "
+    "was fitted on (at training, the validation pairs that chose the epoch: slightly optimistic; "
+    "`evaluate --update-card` refits it on held-out pairs); see docs/accuracy.md")
+
+
+def with_standard_limitations(given: str | None) -> str:
+    """The card's limitations: the trainer's words, then the standard caveats once (a --limitations copied
+    from an earlier card already holds them)."""
+    given = (given or "").strip()
+    if STANDARD_LIMITATIONS in given:
+        given = given.replace("; " + STANDARD_LIMITATIONS, "").replace(STANDARD_LIMITATIONS, "").strip("; ")
+    return "; ".join(p for p in (given, STANDARD_LIMITATIONS) if p)
+
+
 def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason) -> dict:
     """Best weights -> model.pt; validation metrics and calibration -> card.json."""
     out = Path(cfg.out)
@@ -364,9 +379,6 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
     torch.save(net.state_dict(), model_path)
     digest = sha256_file(model_path)
     now = dt.datetime.now(dt.UTC)
-    limitations = ("validation patients come from the training distribution; calibration.fitted_on names the pairs "
-                   "the calibration was fitted on (at training, the validation pairs that chose the epoch: slightly "
-                   "optimistic; `evaluate --update-card` refits it on held-out pairs); see docs/accuracy.md")
     card = {
         "name": spec.name(cfg.route),
         "version": f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}",
@@ -393,7 +405,7 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
                      "history": state["history"]},
         "metrics": {"validation": M.summary(val)},
         "calibration": cal.to_json(),
-        "limitations": (cfg.limitations + "; " if cfg.limitations else "") + limitations,
+        "limitations": with_standard_limitations(cfg.limitations),
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card

@@ -66,12 +66,17 @@ def test_init_fine_tunes_from_a_weights_folder(trained, tmp_path, capsys):
     tuned = tmp_path / "tuned"
     # lr 0: the fine-tuned model's weights must be exactly those it started from (batch-norm
     # running statistics still move in training mode, so only learnable tensors are compared)
-    assert main(TRAIN + ["--epochs", "1", "--lr", "0", "--init", str(out), "--out", str(tuned)]) == 0
+    # the earlier card's limitations passed on as they are (the documented way) keep its caveats once
+    earlier = json.loads((out / "card.json").read_text())["limitations"]
+    assert main(TRAIN + ["--epochs", "1", "--lr", "0", "--init", str(out), "--out", str(tuned),
+                         "--limitations", f"fine-tuned; {earlier}"]) == 0
     start = _learned(torch.load(out / "model.pt", weights_only=True))
     end = _learned(torch.load(tuned / "model.pt", weights_only=True))
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
     card = json.loads((tuned / "card.json").read_text())
     assert card["training_data"]["initialized_from"]["sha256"] == sha256_file(out / "model.pt")
+    assert card["limitations"].startswith("fine-tuned; validation patients come from")
+    assert card["limitations"].count("validation patients come from") == 1
 
     fresh = tmp_path / "fresh"
     assert main(TRAIN + ["--epochs", "1", "--lr", "0", "--out", str(fresh)]) == 0
