@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                      "correct": result["correct_links"],
                      "same_recall": result["by_kind"][SAME]["recall"],
                      "misfiled_recall": result["by_kind"][MISFILED]["recall"],
-                     "missed": [f"{m['error_id']} {m['variant']} ({m['modality']})" for m in result["missed"]]})
+                     "missed": [f"{m['error_id']} {m['variant']} ({m['modality']})" for m in result["missed"]],
+                     "false_links": result["false_links"]})
     print("\n| seed | errors | found | recall | links | correct | precision | same-ID recall | misfiled recall | missed |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:

@@ -34,7 +34,8 @@ def score(links: list[dict], truth: dict) -> dict:
         suspect = person_of_study.get(a["study_uid"])
         return MISFILED if suspect != owner.get((a["patient_id"], a["issuer"])) else "none"
 
-    confusion = Counter((link["kind"], true_kind(link)) for link in links)
+    truths = [true_kind(link) for link in links]
+    confusion = Counter((link["kind"], truth) for link, truth in zip(links, truths))
     correct = sum(n for (predicted, actual), n in confusion.items() if predicted == actual)
 
     found = []
@@ -67,6 +68,11 @@ def score(links: list[dict], truth: dict) -> dict:
         "by_kind": by_kind,
         "missed": [{"error_id": e, "kind": k, "variant": v} for e, k, v, hit in found if not hit],
         "confusion": {f"{p} -> {a}": n for (p, a), n in sorted(confusion.items())},
+        # what a reviewer would look at to see why a wrong link was made
+        "false_links": [{"kind": link["kind"], "truth": truth, "probability": link.get("probability"),
+                         "persons": [person_of_study.get(link[side]["study_uid"]) for side in ("a", "b")],
+                         "a": link["a"], "b": link["b"], "evidence": link.get("evidence")}
+                        for link, truth in zip(links, truths) if truth != link["kind"]],
     }
 
 
@@ -78,6 +84,9 @@ def format_report(result: dict) -> str:
                      f"correct {r['correct_links']:>3}")
     lines.append("confusion of link kinds (flagged -> truth):")
     lines += [f"  {pair:<60} {n}" for pair, n in result["confusion"].items()] or ["  (no links)"]
+    for f in result.get("false_links", []):
+        lines.append(f"false {f['kind']} link ({f['truth']}): {f['a']['patient_id']} ~ {f['b']['patient_id']}, "
+                     f"persons {' / '.join(map(str, f['persons']))}, probability {f['probability']}")
     if result["missed"]:
         lines.append("missed: " + ", ".join(f"{m['error_id']} {m['variant']}" for m in result["missed"]))
     return "\n".join(lines)
