@@ -21,10 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.db_data import embed_examples, load_manifest_examples  # noqa: E402
-from models.evaluate import read_manifest  # noqa: E402
-from models.networks import load_identity_model  # noqa: E402
-from models.transforms import route_geometry  # noqa: E402
+from models.evaluate import manifest_embeddings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    device = torch.device("cpu")
-    model = load_identity_model(args.route, args.weights_dir, device)
-    ex = load_manifest_examples(read_manifest(args.manifest), args.route,
-                                route_geometry(args.route, model.card.get("input")), False)
-    emb = embed_examples(model.net, ex, device)
+    model, ex, emb, _, _ = manifest_embeddings(args.route, args.manifest, args.weights_dir, torch.device("cpu"),
+                                               all_patients=True)
     labels = np.array(ex.labels)
     persons = {p["person_id"]: p for p in json.loads((args.cohort / "truth.json").read_text())["persons"]}
 

@@ -111,18 +111,26 @@ def scored_rows(card: dict, manifest: Path, all_patients: bool = False) -> tuple
     return rows, f"only the {len(keep)} validation patients of the card (the model was trained on this manifest)"
 
 
-def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
-                      all_patients: bool = False, progress: bool = False) -> dict:
-    """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
-    pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
-    from models.db_data import embed_examples, load_manifest_examples, pixel_embeddings
+def manifest_embeddings(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
+                        all_patients: bool = False, progress: bool = False):
+    """The route's model, the manifest's examples (scored_rows) at the card's input geometry, their embeddings,
+    the selection note and the geometry."""
+    from models.db_data import embed_examples, load_manifest_examples
     from models.networks import load_identity_model
     from models.transforms import route_geometry
     model = load_identity_model(route, weights_dir, device)
     rows, note = scored_rows(model.card, manifest, all_patients)
     geometry = route_geometry(route, model.card.get("input"))
     ex = load_manifest_examples(rows, route, geometry, progress)
-    emb = embed_examples(model.net, ex, device)
+    return model, ex, embed_examples(model.net, ex, device), note, geometry
+
+
+def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
+                      all_patients: bool = False, progress: bool = False) -> dict:
+    """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
+    pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
+    from models.db_data import pixel_embeddings
+    model, ex, emb, note, geometry = manifest_embeddings(route, manifest, weights_dir, device, all_patients, progress)
     return {"route": route, "source": {"manifest": str(manifest), "selection": note, "input": geometry,
                                        **({"input_size": geometry["size"]} if "size" in geometry else {})},
             "model": {"name": model.name, "version": model.version},

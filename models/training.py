@@ -359,9 +359,7 @@ STANDARD_LIMITATIONS = (
 def with_standard_limitations(given: str | None) -> str:
     """The card's limitations: the trainer's words, then the standard caveats once (a --limitations copied
     from an earlier card already holds them)."""
-    given = (given or "").strip()
-    if STANDARD_LIMITATIONS in given:
-        given = given.replace("; " + STANDARD_LIMITATIONS, "").replace(STANDARD_LIMITATIONS, "").strip("; ")
+    given = (given or "").replace(STANDARD_LIMITATIONS, "").strip("; ")
     return "; ".join(p for p in (given, STANDARD_LIMITATIONS) if p)
 
 
