@@ -47,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       patience=args.patience, seed=args.seed, threads=args.threads, device=args.device,
                       max_minutes=args.max_minutes, resume=args.resume, init=args.init, widths=tuple(args.widths or ()),
                       limitations=args.limitations or "", per_image=args.per_image,
+                      hard_batches=args.hard_batches, trust_labels=args.trust_labels,
                       command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     card = train(cfg)
     v = card["metrics"]["validation"]
@@ -129,6 +130,13 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--per-image", action="store_true",
                        help="train on each image of a multi-image series (fundus: each eye) with label patient#k; "
                             "the pipeline still averages the image embeddings of a series")
+    train.add_argument("--hard-batches", type=int, default=0, metavar="G",
+                       help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
+                            "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
+    train.add_argument("--trust-labels", action="store_true",
+                       help="with --hard-batches: the labels are known to be right (synthetic truth), so even the "
+                            "closest look-alikes are negatives; without it, a look-alike as close as a person's own "
+                            "images is taken for the same person under another ID and kept out of the batch")
     train.add_argument("--limitations", default="", help="text put first in the card's limitations")
     train.set_defaults(handler=cmd_train)
 

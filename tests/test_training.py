@@ -89,6 +89,24 @@ def test_init_fine_tunes_from_a_weights_folder(trained, tmp_path, capsys):
     assert "a chest_xr model, not fundus" in capsys.readouterr().err
 
 
+def test_fine_tuning_keeps_the_starting_models_validation_patients(trained, tmp_path):
+    """A fresh random split would score the fine-tuned model on persons its starting model trained on."""
+    from models.training import split_patients
+    first = json.loads((trained / "card.json").read_text())
+    labels = [f"synth-0-{p}" for p in range(12) for _ in range(3)]
+    _, _, fresh_split = split_patients(labels, 0.5, 0)
+    assert set(fresh_split) - set(first["validation_patients"])          # what the fix is for
+    tuned = tmp_path / "tuned"
+    assert main(TRAIN[:-2] + ["--val-fraction", "0.5", "--epochs", "1", "--init", str(trained), "--out", str(tuned)]) == 0
+    card = json.loads((tuned / "card.json").read_text())
+    assert card["validation_patients"] == first["validation_patients"]
+    assert card["training_data"]["validation_split"].startswith("the --init model's validation patients")
+
+    fresh = tmp_path / "fresh"          # without --init: the random split of --val-fraction
+    assert main(TRAIN[:-2] + ["--val-fraction", "0.5", "--epochs", "1", "--out", str(fresh)]) == 0
+    assert json.loads((fresh / "card.json").read_text())["validation_patients"] == fresh_split
+
+
 def _write_manifest(folder, patients=6, per=3):
     from PIL import Image
 
@@ -193,3 +211,17 @@ def test_triplet_loss_and_noisy_labels(tmp_path, monkeypatch):
     card = training.train(cfg, progress=False)
     assert np.isfinite(card["training"]["history"][0]["loss"])
     assert card["training"]["miner"].startswith("TripletMarginMiner")
+
+
+def test_synth_manifest_first_series_keeps_one_series_per_study(tmp_path):
+    from models.synth_manifest import main as synth_manifest
+    studies = [{"modality": "mr", "person_id": f"P{p}", "visit": v,
+                "series": [{"number": 2, "path": f"P{p}/v{v}/flair"}, {"number": 1, "path": f"P{p}/v{v}/t1"}]}
+               for p in range(2) for v in range(2)]
+    (tmp_path / "truth.json").write_text(json.dumps({"seed": 9, "studies": studies}))
+    for flag, expected in (([], 8), (["--first-series"], 4)):
+        out = tmp_path / f"m{len(flag)}.csv"
+        assert synth_manifest([str(tmp_path), "--modality", "mr", "--out", str(out)] + flag) == 0
+        rows = list(csv.DictReader(open(out)))
+        assert len(rows) == expected
+    assert all(r["image"].endswith("/t1") for r in rows) and {r["patient_id"] for r in rows} == {"seed9-P0", "seed9-P1"}
