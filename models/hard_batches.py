@@ -71,7 +71,8 @@ def hard_batch_order(labels: np.ndarray, neighbours: list[np.ndarray], m: int, b
     per_batch = batch // m
     if per_batch > n_classes:
         raise ValueError(f"a batch of {per_batch} classes needs at least that many classes (have {n_classes})")
-    members = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    by_class = np.argsort(labels, kind="stable")
+    members = np.split(by_class, np.searchsorted(labels[by_class], np.arange(1, n_classes)))
     used = np.zeros(n_classes, bool)
     queue: list[int] = []
     order: list[np.ndarray] = []
@@ -87,7 +88,7 @@ def hard_batch_order(labels: np.ndarray, neighbours: list[np.ndarray], m: int, b
             seed = queue.pop()
             if used[seed]:
                 continue
-            hood = [seed] + [int(c) for c in neighbours[seed] if not used[c] and c != seed]
+            hood = [seed] + [int(c) for c in neighbours[seed] if not used[c]]
             hood = hood[:min(group, per_batch - len(chosen))]
             used[hood] = True
             chosen.extend(hood)

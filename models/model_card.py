@@ -42,7 +42,7 @@ def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict,
     """card.json of a run: `val` the best epoch's validation metrics, `cal` its calibration."""
     digest = sha256_file(model_path)
     now = dt.datetime.now(dt.UTC)
-    card = {
+    return {
         "name": spec.name(cfg.route),
         "version": f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}",
         "route": cfg.route,
@@ -73,4 +73,3 @@ def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict,
         "calibration": cal.to_json(),
         "limitations": with_standard_limitations(cfg.limitations),
     }
-    return card
