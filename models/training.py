@@ -241,8 +241,8 @@ def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
     return NetSpec(**base), init_card
 
 
-def epoch_order(cfg: TrainConfig, net, train_ex: Examples, train_labels: np.ndarray, n_classes: int, batch: int,
-                per_epoch: int, device, epoch: int) -> tuple[np.ndarray, dict]:
+def sample_epoch(cfg: TrainConfig, net, train_ex: Examples, train_labels: np.ndarray, n_classes: int, batch: int,
+                 per_epoch: int, device, epoch: int) -> tuple[np.ndarray, dict]:
     """The epoch's example indices, `batch` at a time with m per person: MPerClassSampler's random
     persons, or with `hard_batches` neighbourhoods of persons the network currently confuses."""
     if not cfg.hard_batches:
@@ -323,7 +323,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         np.random.seed(cfg.seed * 1000 + epoch)           # MPerClassSampler draws from numpy's global RNG
         torch.manual_seed(cfg.seed * 1000 + epoch)
         aug = augmentations(cfg.route, geometry, cfg.seed * 1000 + epoch)
-        order, record = epoch_order(cfg, net, train_ex, train_labels, len(classes), batch, per_epoch, device, epoch)
+        order, sampling = sample_epoch(cfg, net, train_ex, train_labels, len(classes), batch, per_epoch, device, epoch)
         net.train()
         losses = []
         bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         val = validate(net, val_ex, device)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "val_mAP": val["mAP"], "val_rank1": val["rank1"], "val_auc": val["roc_auc"],
-                  **record, "seconds": round(time.time() - t0, 1)}
+                  **sampling, "seconds": round(time.time() - t0, 1)}
         state["history"].append(record)
         state["epoch"] = epoch
         state["seconds"] += time.time() - t0
