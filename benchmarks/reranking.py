@@ -86,7 +86,7 @@ def embed(route: str, manifest: Path, weights_dir: Path) -> tuple[np.ndarray, np
     rows, _ = scored_rows(model.card, manifest)
     ex = load_manifest_examples(rows, route, route_geometry(route, model.card.get("input")), False)
     with torch.no_grad():
-        emb = M.normalize(embed_examples(model.net, ex, torch.device("cpu")))
+        emb = M.normalize(embed_examples(model.net, ex, torch.device("cpu"), views=model.views))
     return emb, M.encode_labels(ex.labels), f"{model.name} {model.version}"
 
 

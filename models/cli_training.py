@@ -48,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       max_minutes=args.max_minutes, resume=args.resume, init=args.init, widths=tuple(args.widths or ()),
                       limitations=args.limitations or "", per_image=args.per_image,
                       hard_batches=args.hard_batches, trust_labels=args.trust_labels,
+                      test_time_views=args.test_time_views,
                       command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     card = train(cfg)
     v = card["metrics"]["validation"]
@@ -133,6 +134,10 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--hard-batches", type=int, default=0, metavar="G",
                        help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
                             "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
+    train.add_argument("--test-time-views", choices=("none", "dihedral"), default="none",
+                       help="validate, and let the node embed, averaging each image's embedding over these views: "
+                            "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
+                            "rotation and flip, dermoscopy); recorded in the card (test_time_views)")
     train.add_argument("--trust-labels", action="store_true",
                        help="with --hard-batches: the labels are known to be right (synthetic truth), so even the "
                             "closest look-alikes are negatives; without it, a look-alike as close as a person's own "

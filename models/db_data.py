@@ -168,12 +168,15 @@ def pool(vectors: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor
 
 
 @torch.inference_mode()
-def embed_examples(net: torch.nn.Module, ex: Examples, device: torch.device, batch: int = 64) -> np.ndarray:
-    """(examples, dim) float32: every image embedded, pooled per example."""
+def embed_examples(net: torch.nn.Module, ex: Examples, device: torch.device, batch: int = 64,
+                   views: str | None = None) -> np.ndarray:
+    """(examples, dim) float32: every image embedded (averaged over the test-time `views`, see
+    models.networks.embed_views), pooled per example."""
+    from models.networks import embed_views
     net.eval()
     out = []
     for k in range(0, len(ex.images), batch):
-        out.append(net(as_float(ex.images[k:k + batch]).to(device)).float().cpu())
+        out.append(embed_views(net, as_float(ex.images[k:k + batch]).to(device), views).float().cpu())
     if not out:
         return np.zeros((0, 1), np.float32)
     vectors = torch.cat(out)

@@ -122,7 +122,7 @@ def manifest_embeddings(route: str, manifest: Path, weights_dir: Path | None, de
     rows, note = scored_rows(model.card, manifest, all_patients)
     geometry = route_geometry(route, model.card.get("input"))
     ex = load_manifest_examples(rows, route, geometry, progress)
-    return model, ex, embed_examples(model.net, ex, device), note, geometry
+    return model, ex, embed_examples(model.net, ex, device, views=model.views), note, geometry
 
 
 def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
@@ -132,6 +132,7 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
     from models.db_data import pixel_embeddings
     model, ex, emb, note, geometry = manifest_embeddings(route, manifest, weights_dir, device, all_patients, progress)
     return {"route": route, "source": {"manifest": str(manifest), "selection": note, "input": geometry,
+                                       **({"test_time_views": model.views} if model.views else {}),
                                        **({"input_size": geometry["size"]} if "size" in geometry else {})},
             "model": {"name": model.name, "version": model.version},
             "results": {"model": M.identity_metrics(emb, ex.labels, curves=True),
@@ -210,7 +211,7 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
         from models.transforms import route_geometry
         geometry = route_geometry(route, model.card.get("input"))
         ex, info = load_examples(route, database_url, storage_dir, geometry, sqlite_synchronous, progress, keep)
-        vectors, labels, used = embed_examples(model.net, ex, torch.device("cpu")), ex.labels, \
+        vectors, labels, used = embed_examples(model.net, ex, torch.device("cpu"), views=model.views), ex.labels, \
             {"name": model.name, "version": model.version}
         results["pixel-cosine"] = M.identity_metrics(pixel_embeddings(ex), labels, with_pml=False, curves=True)
         source = {"database": "series embedded now with the current model", "selection": selection,

@@ -70,6 +70,25 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.backbone(x), dim=1)
 
 
+# Test-time views (card "test_time_views"): a network trained to be invariant to a symmetry (dermoscopy
+# is augmented with any rotation and flip: a dermoscope has no orientation) is made exactly invariant by
+# averaging its embeddings over the symmetry group. Hand-written: MONAI's TestTimeAugmentation draws random
+# transforms for uncertainty estimates, not a fixed group, and returns no embedding average.
+TEST_TIME_VIEWS = {
+    "none": lambda x: [x],
+    "dihedral": lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)],
+}
+
+
+def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> torch.Tensor:
+    """net(x), or the L2-normalized mean of net over the named test-time views of x (TEST_TIME_VIEWS)."""
+    if views in (None, "none"):
+        return net(x)
+    if views not in TEST_TIME_VIEWS:
+        raise WeightsError(f"unknown test_time_views {views!r} (known: {', '.join(TEST_TIME_VIEWS)})")
+    return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -124,11 +143,16 @@ class IdentityModel:
     def dim(self) -> int:
         return self.net.spec.dim
 
+    @property
+    def views(self) -> str | None:
+        """The card's test-time views (TEST_TIME_VIEWS), None for a single pass."""
+        return self.card.get("test_time_views")
+
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """(N, C, *spatial) -> (N, dim) float32, each row L2-normalized."""
         x = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
-        out = self.net(x.to(self.device, torch.float32, non_blocking=True))
+        out = embed_views(self.net, x.to(self.device, torch.float32, non_blocking=True), self.views)
         return out.float().cpu().numpy()
 
 
@@ -146,6 +170,9 @@ def load_identity_model(route: str, weights_dir: Path | None, device: torch.devi
         net = EmbeddingNet(spec)
         load_state(net, model_path)
         name, version = card.get("name") or spec.name(route), str(card.get("version") or "unversioned")
+        if card.get("test_time_views", "none") not in TEST_TIME_VIEWS:
+            raise WeightsError(f"{model_path.parent / 'card.json'}: unknown test_time_views "
+                               f"{card['test_time_views']!r} (known: {', '.join(TEST_TIME_VIEWS)})")
         log.info("route %s: loaded %s %s from %s", route, name, version, model_path)
     net.eval().to(device)
     return IdentityModel(route, net, name, version, device, card)

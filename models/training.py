@@ -86,6 +86,7 @@ class TrainConfig:
     per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
     hard_batches: int = 0             # >0: batches of look-alike persons in neighbourhoods of this size (hard_batches)
     trust_labels: bool = False        # hard batches: labels known right (synthetic truth), no duplicate guard
+    test_time_views: str = ""         # validation and the card: embeddings averaged over these views (networks)
     command: str = ""
     limitations: str = ""
     extra: dict = field(default_factory=dict)
@@ -180,8 +181,10 @@ def _loss_and_miner(cfg: TrainConfig, num_classes: int, dim: int):
     raise ValueError(f"unknown loss {cfg.loss!r} (subcenter-arcface, cosface, multisimilarity or triplet)")
 
 
-def validate(net, ex: Examples, device) -> dict:
-    return M.identity_metrics(embed_examples(net, ex, device), ex.labels, with_pml=False, curves=True)
+def validate(net, ex: Examples, device, views: str = "") -> dict:
+    """Validation metrics as the node will embed: averaged over the card's test-time views."""
+    return M.identity_metrics(embed_examples(net, ex, device, views=views or None), ex.labels, with_pml=False,
+                              curves=True)
 
 
 def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Examples, dict]:
@@ -342,7 +345,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         sched.step()
-        val = validate(net, val_ex, device)
+        val = validate(net, val_ex, device, cfg.test_time_views)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "val_mAP": val["mAP"], "val_rank1": val["rank1"], "val_auc": val["roc_auc"],
                   **sampling, "seconds": round(time.time() - t0, 1)}
@@ -377,7 +380,7 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
     if state["best_state"] is not None:
         net.load_state_dict(state["best_state"])
     net = net.cpu()
-    val = validate(net, val_ex, torch.device("cpu"))
+    val = validate(net, val_ex, torch.device("cpu"), cfg.test_time_views)
     source = ", ".join(data.get("manifests") or []) or data.get("database") or "synthetic data"
     cal = fit_calibration(val["_curves"]["genuine"], val["_curves"]["impostor"],
                           fitted_on=f"validation pairs of {source}")

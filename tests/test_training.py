@@ -225,3 +225,49 @@ def test_synth_manifest_first_series_keeps_one_series_per_study(tmp_path):
         rows = list(csv.DictReader(open(out)))
         assert len(rows) == expected
     assert all(r["image"].endswith("/t1") for r in rows) and {r["patient_id"] for r in rows} == {"seed9-P0", "seed9-P1"}
+
+
+def _dermoscopy_weights(folder, card_extra: dict):
+    """A dermoscopy weights folder (seeded random network) whose card adds `card_extra`."""
+    from models.networks import DEFAULT_SPECS, EmbeddingNet, seeded, spec_dict
+    route_dir = folder / "dermoscopy"
+    route_dir.mkdir(parents=True)
+    spec = DEFAULT_SPECS["dermoscopy"]
+    torch.save(seeded(lambda: EmbeddingNet(spec), 3).state_dict(), route_dir / "model.pt")
+    card = {"name": "derm-test", "version": "t1", "arch": spec_dict(spec), **card_extra}
+    (route_dir / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_dihedral_test_time_views_make_embeddings_orientation_free(tmp_path):
+    x = torch.rand(3, 3, 48, 48)
+    turned = [torch.rot90(x, 1, dims=(-2, -1)), x.flip(-1), torch.rot90(x.flip(-2), 3, dims=(-2, -1))]
+    plain = load_identity_model("dermoscopy", _dermoscopy_weights(tmp_path / "a", {}), torch.device("cpu"))
+    views = load_identity_model("dermoscopy", _dermoscopy_weights(tmp_path / "b", {"test_time_views": "dihedral"}),
+                                torch.device("cpu"))
+    # a single pass of a random network sees a turned lesion as another image ...
+    assert not np.allclose(plain.embed(x), plain.embed(turned[0]), atol=1e-3)
+    # ... averaged over the 8 rotations and flips it is the same lesion, and still a unit vector
+    reference = views.embed(x)
+    assert np.allclose(np.linalg.norm(reference, axis=1), 1, atol=1e-5)
+    for t in turned:
+        assert np.allclose(views.embed(t), reference, atol=1e-5)
+
+
+def test_unknown_test_time_views_refused_at_load(tmp_path):
+    from models.networks import WeightsError
+    folder = _dermoscopy_weights(tmp_path, {"test_time_views": "kaleidoscope"})
+    with pytest.raises(WeightsError, match="kaleidoscope"):
+        load_identity_model("dermoscopy", folder, torch.device("cpu"))
+
+
+def test_training_records_test_time_views_in_the_card(tmp_path):
+    out = tmp_path / "views"
+    assert main(TRAIN + ["--epochs", "1", "--test-time-views", "dihedral", "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["test_time_views"] == "dihedral"
+    weights = tmp_path / "weights"
+    shutil.copytree(out, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    model = load_identity_model("chest_xr", weights, torch.device("cpu"))
+    x = torch.rand(1, 1, 64, 64)
+    assert model.views == "dihedral" and np.allclose(model.embed(x), model.embed(x.flip(-2)), atol=1e-5)
