@@ -368,7 +368,8 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         if state["bad_epochs"] >= cfg.patience:
             stop_reason = f"early stop: no better validation mAP for {cfg.patience} epochs"
             break
-        if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60:
+        # stop before an epoch that would end past the limit (one CT epoch on a slow CPU is ~10 min)
+        if cfg.max_minutes and time.time() - started + record["seconds"] > cfg.max_minutes * 60:
             stop_reason = f"time limit {cfg.max_minutes} min"
             break
     return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason)

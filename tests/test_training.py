@@ -271,3 +271,11 @@ def test_training_records_test_time_views_in_the_card(tmp_path):
     model = load_identity_model("chest_xr", weights, torch.device("cpu"))
     x = torch.rand(1, 1, 64, 64)
     assert model.views == "dihedral" and np.allclose(model.embed(x), model.embed(x.flip(-2)), atol=1e-5)
+
+
+def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path):
+    out = tmp_path / "budget"
+    # 0.001 min: the first epoch already took longer, so a second one would end past the budget
+    assert main(TRAIN + ["--epochs", "4", "--max-minutes", "0.001", "--out", str(out)]) == 0
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["epochs_run"] == 1 and training["stop"] == "time limit 0.001 min"
