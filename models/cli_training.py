@@ -123,8 +123,9 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    train.add_argument("--max-minutes", type=float, default=0.0, help="time budget: stop before an epoch that would end later than this many minutes "
-                            "after training started (data loading not counted; 0: none)")
+    train.add_argument("--max-minutes", type=float, default=0.0,
+                       help="time budget: stop before an epoch that would end later than this many minutes after "
+                            "training started (data loading not counted; 0: none)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--init", type=Path, default=None, metavar="FOLDER",
                        help="fine-tune from a trained model: a local weights folder with model.pt and card.json "

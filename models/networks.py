@@ -86,6 +86,8 @@ def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> to
         return net(x)
     if views not in TEST_TIME_VIEWS:
         raise WeightsError(f"unknown test_time_views {views!r} (known: {', '.join(TEST_TIME_VIEWS)})")
+    if views == "dihedral" and x.ndim != 4:
+        raise WeightsError("test_time_views 'dihedral' turns 2D images; this input is not a batch of 2D images")
     return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
 
 

@@ -279,3 +279,10 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path):
     assert main(TRAIN + ["--epochs", "4", "--max-minutes", "0.001", "--out", str(out)]) == 0
     training = json.loads((out / "card.json").read_text())["training"]
     assert training["epochs_run"] == 1 and training["stop"] == "time limit 0.001 min"
+
+
+def test_dihedral_views_refuse_volumes():
+    from models.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, embed_views, seeded
+    net = seeded(lambda: EmbeddingNet(DEFAULT_SPECS["chest_ct"]), 0).eval()
+    with pytest.raises(WeightsError, match="2D"):
+        embed_views(net, torch.rand(1, 1, 16, 16, 8), "dihedral")
