@@ -125,7 +125,7 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--max-minutes", type=float, default=0.0,
                        help="time budget: stop before an epoch that would end later than this many minutes after "
-                            "training started (data loading not counted; 0: none)")
+                            "the run started (data loading included; 0: none)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--init", type=Path, default=None, metavar="FOLDER",
                        help="fine-tune from a trained model: a local weights folder with model.pt and card.json "
