@@ -80,12 +80,20 @@ TEST_TIME_VIEWS = {
 }
 
 
+def check_views(views: str | None, where: str = "") -> str:
+    """The views' name ("none" for None); WeightsError naming `where` if unknown."""
+    views = views or "none"
+    if views not in TEST_TIME_VIEWS:
+        raise WeightsError(f"{where + ': ' if where else ''}unknown test_time_views {views!r} "
+                           f"(known: {', '.join(TEST_TIME_VIEWS)})")
+    return views
+
+
 def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> torch.Tensor:
     """net(x), or the L2-normalized mean of net over the named test-time views of x (TEST_TIME_VIEWS)."""
-    if views in (None, "none"):
+    views = check_views(views)
+    if views == "none":
         return net(x)
-    if views not in TEST_TIME_VIEWS:
-        raise WeightsError(f"unknown test_time_views {views!r} (known: {', '.join(TEST_TIME_VIEWS)})")
     if views == "dihedral" and x.ndim != 4:
         raise WeightsError("test_time_views 'dihedral' turns 2D images; this input is not a batch of 2D images")
     return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
@@ -172,9 +180,7 @@ def load_identity_model(route: str, weights_dir: Path | None, device: torch.devi
         net = EmbeddingNet(spec)
         load_state(net, model_path)
         name, version = card.get("name") or spec.name(route), str(card.get("version") or "unversioned")
-        if card.get("test_time_views", "none") not in TEST_TIME_VIEWS:
-            raise WeightsError(f"{model_path.parent / 'card.json'}: unknown test_time_views "
-                               f"{card['test_time_views']!r} (known: {', '.join(TEST_TIME_VIEWS)})")
+        check_views(card.get("test_time_views"), str(model_path.parent / "card.json"))
         log.info("route %s: loaded %s %s from %s", route, name, version, model_path)
     net.eval().to(device)
     return IdentityModel(route, net, name, version, device, card)

@@ -86,7 +86,7 @@ class TrainConfig:
     per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
     hard_batches: int = 0             # >0: batches of look-alike persons in neighbourhoods of this size (hard_batches)
     trust_labels: bool = False        # hard batches: labels known right (synthetic truth), no duplicate guard
-    test_time_views: str = ""         # validation and the card: embeddings averaged over these views (networks)
+    test_time_views: str = "none"     # validation and the card: embeddings averaged over these views (networks)
     command: str = ""
     limitations: str = ""
     extra: dict = field(default_factory=dict)
@@ -181,10 +181,9 @@ def _loss_and_miner(cfg: TrainConfig, num_classes: int, dim: int):
     raise ValueError(f"unknown loss {cfg.loss!r} (subcenter-arcface, cosface, multisimilarity or triplet)")
 
 
-def validate(net, ex: Examples, device, views: str = "") -> dict:
+def validate(net, ex: Examples, device, views: str = "none") -> dict:
     """Validation metrics as the node will embed: averaged over the card's test-time views."""
-    return M.identity_metrics(embed_examples(net, ex, device, views=views or None), ex.labels, with_pml=False,
-                              curves=True)
+    return M.identity_metrics(embed_examples(net, ex, device, views=views), ex.labels, with_pml=False, curves=True)
 
 
 def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Examples, dict]:
