@@ -67,7 +67,11 @@ def band_of(probability: float, t: Thresholds) -> str:
 
 
 def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
-    """Sum over routes of the clipped median llr; per-route details for the evidence."""
+    """Sum over routes of the median of the clipped llrs; per-route details for the evidence.
+
+    Each pair is clipped before the median: with two pairs the median is their mean, and one
+    far-off pair (a stray study) must not outweigh the other by more than the clip.
+    `unclipped_llr` (the median of the raw llrs) tells apart two studies that both hit the clip."""
     total, per_route = 0.0, {}
     for route in sorted({p.route for p in pairs}):
         mine = [p for p in pairs if p.route == route]
@@ -75,8 +79,9 @@ def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
         entry = {"pairs": len(mine), "median_cosine": round(statistics.median(p.cosine for p in mine), 4),
                  "model": mine[0].model}
         if llrs:
-            llr = max(-clip, min(clip, statistics.median(llrs)))
+            llr = statistics.median(max(-clip, min(clip, v)) for v in llrs)
             entry["weight"] = round(llr, 3)
+            entry["unclipped_llr"] = round(statistics.median(llrs), 3)
             total += llr
         else:
             entry["weight"] = 0.0
@@ -137,6 +142,80 @@ def decide_misfiled(suspect: StudyFacts, others: list[StudyFacts], pairs: list[I
                 "prior": t.prior_misfiled, "studies_compared": len(others),
                 "image_studies_compared": len({p.b_study_pk for p in pairs})}
     return Decision(probability, -belongs, band_of(probability, t), suspect.study_pk, reference, evidence)
+
+
+def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePair], weights: MatchWeights,
+                              t: Thresholds) -> dict[int, Decision]:
+    """different_patient_same_id for every study of one Patient ID. `pairs`: image comparisons
+    between its studies' series (both orders).
+
+    Each study is judged against the ID's other studies. A stray must not make its owner's own
+    studies look foreign (with two owner studies and one stray, each owner study's median is
+    half the stray's), so the likeliest stray is left out and the rest judged again, while the
+    studies left out stay a minority of the ID (on a tie, the later study is the stray, as in
+    `_one_of_two`). Then, of two studies that only disagree with each other, one is flagged."""
+    by_suspect: dict[int, list[ImagePair]] = {}
+    for p in pairs:
+        by_suspect.setdefault(p.a_study_pk, []).append(p)
+    left_out: list[int] = []
+    final: dict[int, Decision] = {}
+    while True:
+        kept = [pk for pk in facts if pk not in left_out]
+        decisions = {}
+        for pk in kept:
+            others = [facts[o] for o in kept if o != pk]
+            mine = [p for p in by_suspect.get(pk, []) if p.b_study_pk != pk and p.b_study_pk not in left_out]
+            decision = decide_misfiled(facts[pk], others, mine, weights, t)
+            if decision is not None:
+                if left_out:       # study UIDs: what an archivist can look up
+                    decision.evidence["left_out_studies"] = [facts[o].study_uid for o in left_out]
+                decisions[pk] = decision
+        # Only a study that disagrees with two or more others can be left out: of two that
+        # only disagree with each other, neither is likelier than the other.
+        strays = [pk for pk, d in decisions.items()
+                  if d.band != "withdrawn" and d.evidence.get("image_studies_compared", 0) >= 2]
+        if not strays or len(left_out) + 1 > (len(facts) - 1) // 2:
+            break
+        stray = max(strays, key=lambda pk: (_unclipped_weight(decisions[pk]), facts[pk].study_date or "", pk))
+        final[stray] = decisions.pop(stray)
+        left_out.append(stray)
+    final.update(decisions)
+    _one_of_two(final, facts)
+    return final
+
+
+def _unclipped_weight(decision: Decision) -> float:
+    """A misfiled decision's weight against the study with its image llrs unclipped: which of
+    two studies that both hit the clip is further from the rest."""
+    image = decision.evidence.get("image", {})
+    unclipped = sum(entry.get("unclipped_llr", entry.get("weight", 0.0)) for entry in image.values())
+    return decision.weight + decision.evidence.get("image_weight", 0.0) - unclipped
+
+
+def _one_of_two(decisions: dict[int, Decision], facts: dict[int, StudyFacts]) -> None:
+    """Two studies whose images only disagree with each other: flag one, not both.
+
+    With two images of a Patient ID that do not match, either could be the stray. The one
+    with more evidence against it (its demographics disagree too) is flagged; on a tie the
+    later one, the usual stray (the earlier was filed before the mistake). Not after a stray
+    was left out: two studies that still disagree make three persons in one ID, so at most
+    one of them is the owner's, and both are flagged."""
+    flagged = {pk: d for pk, d in decisions.items() if d.band != "withdrawn"}
+    for pk, d in list(flagged.items()):
+        other = d.b_study_pk
+        mutual = flagged.get(other)
+        if (mutual is None or mutual.b_study_pk != pk or d.evidence.get("image_studies_compared") != 1
+                or mutual.evidence.get("image_studies_compared") != 1 or "left_out_studies" in d.evidence):
+            continue
+        if abs(d.weight - mutual.weight) >= 0.5:
+            keep = pk if d.weight > mutual.weight else other
+        else:
+            keep = max((pk, other), key=lambda s: (facts[s].study_date or "", s))
+        drop = other if keep == pk else pk
+        e = decisions[drop]
+        decisions[drop] = Decision(e.probability, e.weight, "withdrawn", e.a_study_pk, e.b_study_pk,
+                                   dict(e.evidence, note="two disagreeing studies: the other one is flagged"))
+        flagged.pop(drop, None)
 
 
 def same_key(a_patient_pk: int, b_patient_pk: int) -> str:

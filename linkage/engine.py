@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from db.links import LinkStore
-from db.records_linkage import StoredEmbedding, StudyFacts
+from db.records_linkage import StoredEmbedding
 from linkage import decide as D
 from linkage.evidence import MatchWeights
 from linkage.search import CandidateIndex
@@ -184,15 +184,8 @@ class LinkageEngine:
         """different_patient_same_id: is any of this patient's studies not like the others?"""
         facts = self.store.study_facts(patient_pks=[patient_pk])
         embeddings = self.store.embeddings(patient_pks=[patient_pk])
-        decisions = {}
-        for study_pk, suspect in facts.items():
-            others = [f for pk, f in facts.items() if pk != study_pk]
-            mine = [e for e in embeddings if e.study_pk == study_pk]
-            theirs = [e for e in embeddings if e.study_pk != study_pk]
-            decision = D.decide_misfiled(suspect, others, self._pairs(mine, theirs), self.weights, self.t)
-            if decision is not None:
-                decisions[study_pk] = decision
-        _one_of_two(decisions, facts)
+        pairs = [p for p in self._pairs(embeddings, embeddings) if p.a_study_pk != p.b_study_pk]
+        decisions = D.decide_studies_of_patient(facts, pairs, self.weights, self.t)
         for study_pk, decision in decisions.items():
             self._save(D.MISFILED, D.misfiled_key(study_pk), decision, patient_pk, patient_pk, stats)
 
@@ -259,30 +252,6 @@ class LinkageEngine:
         if self.index_dir and (force or self._unsaved >= 1000):
             self.index.save(self.index_dir)
             self._unsaved = 0
-
-
-def _one_of_two(decisions: dict[int, D.Decision], facts: dict[int, StudyFacts]) -> None:
-    """Two studies whose images only disagree with each other: flag one, not both.
-
-    With two images of a Patient ID that do not match, either could be the stray. The one
-    with more evidence against it (its demographics disagree too) is flagged; on a tie the
-    later one, the usual stray (the earlier was filed before the mistake)."""
-    flagged = {pk: d for pk, d in decisions.items() if d.band != "withdrawn"}
-    for pk, d in list(flagged.items()):
-        other = d.b_study_pk
-        mutual = flagged.get(other)
-        if (mutual is None or mutual.b_study_pk != pk or d.evidence.get("image_studies_compared") != 1
-                or mutual.evidence.get("image_studies_compared") != 1):
-            continue
-        if abs(d.weight - mutual.weight) >= 0.5:
-            keep = pk if d.weight > mutual.weight else other
-        else:
-            keep = max((pk, other), key=lambda s: (facts[s].study_date or "", s))
-        drop = other if keep == pk else pk
-        e = decisions[drop]
-        decisions[drop] = D.Decision(e.probability, e.weight, "withdrawn", e.a_study_pk, e.b_study_pk,
-                                     dict(e.evidence, note="two disagreeing studies: the other one is flagged"))
-        flagged.pop(drop, None)
 
 
 def _vector(raw: bytes) -> np.ndarray:

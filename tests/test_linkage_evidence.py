@@ -171,6 +171,75 @@ def test_misfiled_by_demographics_when_the_wrong_id_was_typed():
     assert D.decide_misfiled(suspect, [], [], MatchWeights(), T) is None
 
 
+def _pairs_between(llrs: dict[tuple[int, int], float]) -> list[D.ImagePair]:
+    """Both orders of each compared pair of studies, as the engine passes them."""
+    return [D.ImagePair("fundus", a, b, llr / 30, llr) for (x, y), llr in llrs.items() for a, b in ((x, y), (y, x))]
+
+
+def test_a_stray_does_not_get_its_owners_studies_flagged():
+    # two studies of the owner that agree only weakly, and a stray far from both
+    studies = {1: facts(1, date="20190101"), 2: facts(2, date="20200101"), 9: facts(9, date="20210101")}
+    pairs = _pairs_between({(1, 2): -4.0, (1, 9): -30.0, (2, 9): -25.0})
+    # judged each against both others, the owner's studies sink below the line with the stray
+    alone = D.decide_misfiled(studies[1], [studies[2], studies[9]], [p for p in pairs if p.a_study_pk == 1],
+                              MatchWeights(), T)
+    assert alone.band != "withdrawn"
+    decisions = D.decide_studies_of_patient(studies, pairs, MatchWeights(), T)
+    assert {pk for pk, d in decisions.items() if d.band != "withdrawn"} == {9}
+    assert decisions[1].evidence["left_out_studies"] == ["1.2.9"] == decisions[2].evidence["left_out_studies"]
+    assert decisions[9].evidence["image"]["fundus"]["unclipped_llr"] == -27.5
+
+
+def test_the_likeliest_stray_is_chosen_beyond_the_clip():
+    # 1 and 9 both hit the clip; 9 is further from the others, so 9 is left out, and 1 then fits
+    studies = {pk: facts(pk, date=f"20{10 + pk}0101") for pk in (1, 2, 3, 9)}
+    pairs = _pairs_between({(1, 2): -13.0, (1, 3): -13.0, (2, 3): 9.0, (1, 9): -40.0, (2, 9): -40.0,
+                            (3, 9): -40.0})
+    first = {pk: D.decide_misfiled(studies[pk], [f for o, f in studies.items() if o != pk],
+                                   [p for p in pairs if p.a_study_pk == pk], MatchWeights(), T) for pk in studies}
+    assert first[1].evidence["image_weight"] == first[9].evidence["image_weight"] == -12.0
+    decisions = D.decide_studies_of_patient(studies, pairs, MatchWeights(), T)
+    assert decisions[9].band != "withdrawn" and "left_out_studies" not in decisions[9].evidence
+    assert decisions[1].evidence["left_out_studies"] == ["1.2.9"]
+
+
+def test_strays_stay_a_minority_and_two_disagreeing_studies_give_one_flag():
+    two = {1: facts(1, date="20190101"), 2: facts(2, date="20200101")}
+    decisions = D.decide_studies_of_patient(two, _pairs_between({(1, 2): -20.0}), MatchWeights(), T)
+    assert [pk for pk, d in decisions.items() if d.band != "withdrawn"] == [2]     # the later one
+    assert "the other one is flagged" in decisions[1].evidence["note"]
+    assert all("left_out_studies" not in d.evidence for d in decisions.values())
+    # four studies of two persons, two each: one study at most is left out (strays are a
+    # minority), the later pair is taken for the strays
+    four = {1: facts(1, date="20130101"), 2: facts(2, date="20140101"), 3: facts(3, date="20110101"),
+            4: facts(4, date="20120101")}
+    llrs = {(1, 2): 9.0, (3, 4): 9.0, (1, 3): -20.0, (1, 4): -20.0, (2, 3): -20.0, (2, 4): -20.0}
+    decisions = D.decide_studies_of_patient(four, _pairs_between(llrs), MatchWeights(), T)
+    assert {pk for pk, d in decisions.items() if d.band != "withdrawn"} == {1, 2}
+    assert decisions[1].evidence["left_out_studies"] == ["1.2.2"] == decisions[3].evidence["left_out_studies"]
+
+
+def test_three_persons_in_one_id_are_all_flagged():
+    # the owner's fundus photograph and two strays, all unlike each other, in an ID with four
+    # chest CTs of its owner: after the likeliest stray is left out, the two left still
+    # disagree, and one of them must be a stray too
+    studies = {1: facts(1, date="20150101"), 2: facts(2, date="20130101"), 9: facts(9, date="20140101")}
+    studies |= {pk: facts(pk, date=f"20{pk}0101") for pk in (13, 14, 15, 16)}
+    ct = [D.ImagePair("chest_ct", a, b, 0.9, 9.0) for a in (13, 14, 15, 16) for b in (13, 14, 15, 16) if a != b]
+    pairs = _pairs_between({(1, 2): -20.0, (1, 9): -20.0, (2, 9): -30.0}) + ct
+    decisions = D.decide_studies_of_patient(studies, pairs, MatchWeights(), T)
+    assert {pk for pk, d in decisions.items() if d.band != "withdrawn"} == {1, 2, 9}
+    assert "left_out_studies" not in decisions[9].evidence and "note" not in decisions[1].evidence
+    # the two left are judged on their images, each against the other (neither is left out)
+    assert decisions[1].evidence["image_studies_compared"] == decisions[2].evidence["image_studies_compared"] == 1
+
+
+def test_each_pair_is_clipped_before_the_median():
+    pairs = [D.ImagePair("chest_ct", 1, 2, 0.9, 8.0), D.ImagePair("chest_ct", 1, 3, 0.0, -40.0)]
+    total, per_route = D.image_evidence(pairs, clip=12)
+    assert total == -2.0 and per_route["chest_ct"]["unclipped_llr"] == -16.0
+
+
 def test_reestimate_moves_towards_reviews():
     confirmed = {"fields": {"name": {"level": "partial"}}}
     decided = [("same_patient_different_id", "confirmed", confirmed)] * 10

@@ -145,7 +145,8 @@ def review_item(ctx: WebContext, link_id: int) -> dict:
                        "demographic_weight": evidence.get("demographic_weight"),
                        "total_weight": evidence.get("total_weight", view.weight),
                        "prior": evidence.get("prior"), "probability": view.probability,
-                       "hypothesis": evidence.get("hypothesis"), "note": evidence.get("note")},
+                       "hypothesis": evidence.get("hypothesis"), "note": evidence.get("note"),
+                       "left_out_studies": evidence.get("left_out_studies") or []},
             "events": [asdict(e) for e in ctx.links.events(link_id)],
             "neighbours": neighbours}
 

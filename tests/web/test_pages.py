@@ -144,6 +144,21 @@ def test_review_page_shows_both_studies_evidence_and_thumbnails(site, tmp_path):
     assert c.get("/thumbnails/series/999999.png").status_code == 404
 
 
+def test_review_page_names_the_studies_a_misfiled_flag_was_judged_without(site):
+    from db.records_linkage import LinkDraft
+
+    links = site["links"]
+    wrong, p1 = (links.find_studies(study_uids=[site["studies"][k]])[0] for k in ("wrong", "p1"))
+    link_id, _ = links.upsert(LinkDraft(f"misfiled:{p1.study_pk}", "different_patient_same_id", p1.study_pk,
+                                        wrong.study_pk, p1.patient_pk, p1.patient_pk, 0.7, 0.8, "review",
+                                        {"hypothesis": "study belongs to its patient",
+                                         "left_out_studies": [wrong.study_uid]}))
+    c, _ = logged_in(site, "ann")
+    hint = re.search(r'<p class="hint" id="left-out">(.*?)</p>', c.get(f"/links/{link_id}").text, re.S)
+    assert hint and "1 other" in hint.group(1) and wrong.study_uid in hint.group(1)
+    assert 'id="left-out"' not in c.get(f"/links/{site['ids']['open_misfiled']}").text
+
+
 def test_security_headers_and_no_inline_script_or_style(site):
     c, _ = logged_in(site, "ada")
     for path in ("/", "/queue", f"/links/{site['ids']['open_same']}", "/audit", "/users", "/api/docs", "/login"):
