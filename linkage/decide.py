@@ -180,7 +180,8 @@ def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePai
         final[stray] = decisions.pop(stray)
         left_out.append(stray)
     final.update(decisions)
-    _one_of_two(final, facts)
+    beside_a_stray = {p.b_study_pk for stray in left_out for p in by_suspect.get(stray, [])}
+    _one_of_two(final, facts, beside_a_stray)
     return final
 
 
@@ -192,20 +193,20 @@ def _unclipped_weight(decision: Decision) -> float:
     return decision.weight + decision.evidence.get("image_weight", 0.0) - unclipped
 
 
-def _one_of_two(decisions: dict[int, Decision], facts: dict[int, StudyFacts]) -> None:
+def _one_of_two(decisions: dict[int, Decision], facts: dict[int, StudyFacts], beside_a_stray: set[int]) -> None:
     """Two studies whose images only disagree with each other: flag one, not both.
 
     With two images of a Patient ID that do not match, either could be the stray. The one
     with more evidence against it (its demographics disagree too) is flagged; on a tie the
-    later one, the usual stray (the earlier was filed before the mistake). Not after a stray
-    was left out: two studies that still disagree make three persons in one ID, so at most
-    one of them is the owner's, and both are flagged."""
+    later one, the usual stray (the earlier was filed before the mistake). Not where a stray
+    left out had been compared with them (`beside_a_stray`): three images of three persons,
+    so at most one of the two is the owner's, and both are flagged."""
     flagged = {pk: d for pk, d in decisions.items() if d.band != "withdrawn"}
     for pk, d in list(flagged.items()):
         other = d.b_study_pk
         mutual = flagged.get(other)
         if (mutual is None or mutual.b_study_pk != pk or d.evidence.get("image_studies_compared") != 1
-                or mutual.evidence.get("image_studies_compared") != 1 or "left_out_studies" in d.evidence):
+                or mutual.evidence.get("image_studies_compared") != 1 or pk in beside_a_stray):
             continue
         if abs(d.weight - mutual.weight) >= 0.5:
             keep = pk if d.weight > mutual.weight else other

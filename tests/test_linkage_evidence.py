@@ -234,6 +234,19 @@ def test_three_persons_in_one_id_are_all_flagged():
     assert decisions[1].evidence["image_studies_compared"] == decisions[2].evidence["image_studies_compared"] == 1
 
 
+def test_a_stray_of_another_route_does_not_stop_one_of_two():
+    # a chest CT stray is left out; the ID's two fundus photographs disagree with each other
+    # only, so one of them is flagged (the later), as in an ID without the CT stray
+    studies = {pk: facts(pk, date=f"20{pk}0101") for pk in (11, 12, 13, 14, 15, 16, 17)}
+    llrs = {(a, b): 9.0 for a in (11, 12, 13, 14) for b in (11, 12, 13, 14) if a < b}
+    llrs |= {(a, 15): -30.0 for a in (11, 12, 13, 14)}
+    pairs = [D.ImagePair("chest_ct", p.a_study_pk, p.b_study_pk, p.cosine, p.llr) for p in _pairs_between(llrs)]
+    pairs += _pairs_between({(16, 17): -20.0})
+    decisions = D.decide_studies_of_patient(studies, pairs, MatchWeights(), T)
+    assert {pk for pk, d in decisions.items() if d.band != "withdrawn"} == {15, 17}
+    assert "the other one is flagged" in decisions[16].evidence["note"]
+
+
 def test_each_pair_is_clipped_before_the_median():
     pairs = [D.ImagePair("chest_ct", 1, 2, 0.9, 8.0), D.ImagePair("chest_ct", 1, 3, 0.0, -40.0)]
     total, per_route = D.image_evidence(pairs, clip=12)
