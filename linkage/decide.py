@@ -6,10 +6,13 @@ Pure functions over plain data; the engine (`linkage.engine`) gathers the inputs
     P(hypothesis)  = sigmoid(W + ln(prior / (1 - prior)))
 
 Image evidence per route is the identity model's calibrated log-likelihood ratio of the
-cosine similarity (`models.calibration`), the median over the compared pairs of series
-(robust to one odd series), clipped to +-max_image_llr; routes add up because they are
+cosine similarity (`models.calibration`), each pair of series clipped to +-max_image_llr,
+then the median over the pairs (robust to one odd series); routes add up because they are
 different images of the person. A route whose model has no calibration (an untrained
 network) contributes nothing, and the evidence says so.
+
+Same person under two IDs: `decide_same`. A study filed under the wrong ID: `decide_misfiled`
+for one study, `decide_studies_of_patient` for all of an ID's studies at once.
 """
 
 from __future__ import annotations
