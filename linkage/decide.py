@@ -160,6 +160,7 @@ def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePai
     by_suspect: dict[int, list[ImagePair]] = {}
     for p in pairs:
         by_suspect.setdefault(p.a_study_pk, []).append(p)
+    max_left_out = (len(facts) - 1) // 2
     left_out: list[int] = []
     final: dict[int, Decision] = {}
     while True:
@@ -167,7 +168,7 @@ def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePai
         decisions = {}
         for pk in kept:
             others = [facts[o] for o in kept if o != pk]
-            mine = [p for p in by_suspect.get(pk, []) if p.b_study_pk != pk and p.b_study_pk not in left_out]
+            mine = [p for p in by_suspect.get(pk, []) if p.b_study_pk not in left_out]
             decision = decide_misfiled(facts[pk], others, mine, weights, t)
             if decision is not None:
                 if left_out:       # study UIDs: what an archivist can look up
@@ -177,9 +178,9 @@ def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePai
         # only disagree with each other, neither is likelier than the other.
         strays = [pk for pk, d in decisions.items()
                   if d.band != "withdrawn" and d.evidence.get("image_studies_compared", 0) >= 2]
-        if not strays or len(left_out) + 1 > (len(facts) - 1) // 2:
+        if not strays or len(left_out) == max_left_out:
             break
-        stray = max(strays, key=lambda pk: (_unclipped_weight(decisions[pk]), facts[pk].study_date or "", pk))
+        stray = max(strays, key=lambda pk: (_unclipped_weight(decisions[pk]), *_recency(facts[pk])))
         final[stray] = decisions.pop(stray)
         left_out.append(stray)
     final.update(decisions)
@@ -191,9 +192,14 @@ def decide_studies_of_patient(facts: dict[int, StudyFacts], pairs: list[ImagePai
 def _unclipped_weight(decision: Decision) -> float:
     """A misfiled decision's weight against the study with its image llrs unclipped: which of
     two studies that both hit the clip is further from the rest."""
-    image = decision.evidence.get("image", {})
-    unclipped = sum(entry.get("unclipped_llr", entry.get("weight", 0.0)) for entry in image.values())
-    return decision.weight + decision.evidence.get("image_weight", 0.0) - unclipped
+    image = decision.evidence["image"]
+    unclipped = sum(entry.get("unclipped_llr", entry["weight"]) for entry in image.values())
+    return -(unclipped + decision.evidence["demographic_weight"])
+
+
+def _recency(study: StudyFacts) -> tuple[str, int]:
+    """Later studies sort last: of two equally likely strays, the later one is taken."""
+    return study.study_date or "", study.study_pk
 
 
 def _one_of_two(decisions: dict[int, Decision], facts: dict[int, StudyFacts], beside_a_stray: set[int]) -> None:
@@ -214,7 +220,7 @@ def _one_of_two(decisions: dict[int, Decision], facts: dict[int, StudyFacts], be
         if abs(d.weight - mutual.weight) >= 0.5:
             keep = pk if d.weight > mutual.weight else other
         else:
-            keep = max((pk, other), key=lambda s: (facts[s].study_date or "", s))
+            keep = max((pk, other), key=lambda s: _recency(facts[s]))
         drop = other if keep == pk else pk
         e = decisions[drop]
         decisions[drop] = Decision(e.probability, e.weight, "withdrawn", e.a_study_pk, e.b_study_pk,
