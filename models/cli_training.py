@@ -44,7 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       epochs=args.epochs or 10, size=args.size, shape=tuple(args.shape or ()),
                       spacing=tuple(args.spacing or ()), batch_size=args.batch_size, m_per_class=args.m_per_class,
                       steps_per_epoch=args.steps_per_epoch, lr=args.lr, loss=args.loss, val_fraction=args.val_fraction,
-                      patience=args.patience, seed=args.seed, threads=args.threads, device=args.device,
+                      patience=args.patience, seed=args.seed, threads=args.threads, load_workers=args.load_workers,
+                      device=args.device,
                       max_minutes=args.max_minutes, resume=args.resume, init=args.init, widths=tuple(args.widths or ()),
                       limitations=args.limitations or "", per_image=args.per_image,
                       hard_batches=args.hard_batches, trust_labels=args.trust_labels,
@@ -122,6 +123,9 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--widths", type=int, nargs=4, default=None, help="ResNet stage widths (default the route's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    train.add_argument("--load-workers", type=int, default=0, metavar="N",
+                       help="processes that load and normalize the series before training (0: this one); the "
+                            "examples are the same whichever number")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--max-minutes", type=float, default=0.0,
                        help="time budget: stop before an epoch that would end later than this many minutes after "
@@ -136,10 +140,11 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--hard-batches", type=int, default=0, metavar="G",
                        help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
                             "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
-    train.add_argument("--test-time-views", choices=("none", "dihedral"), default="none",
+    train.add_argument("--test-time-views", choices=("none", "dihedral", "shifts"), default="none",
                        help="validate, and let the node embed, averaging each image's embedding over these views: "
                             "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
-                            "rotation and flip, dermoscopy); recorded in the card (test_time_views)")
+                            "rotation and flip, dermoscopy); 'shifts' = the input and its moves by 2 voxels or "
+                            "pixels up and down each axis (any route); recorded in the card (test_time_views)")
     train.add_argument("--trust-labels", action="store_true",
                        help="with --hard-batches: the labels are known to be right (synthetic truth), so even the "
                             "closest look-alikes are negatives; without it, a look-alike as close as a person's own "

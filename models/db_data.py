@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
 log = logging.getLogger("models.db_data")
 
@@ -87,10 +88,9 @@ def stored_series(route: str, database_url: str, sqlite_synchronous: str = "FULL
 
 def load_examples(route: str, database_url: str, storage_dir: Path, geometry: dict | None,
                   sqlite_synchronous: str = "FULL", progress: bool = False,
-                  patients: set[str] | None = None) -> tuple[Examples, dict]:
-    """The stored series of `route` (optionally only these patient labels) as normalized uint8 examples."""
-    from tqdm import tqdm
-
+                  patients: set[str] | None = None, workers: int = 0) -> tuple[Examples, dict]:
+    """The stored series of `route` (optionally only these patient labels) as normalized uint8 examples;
+    `workers` processes load them (0: this one)."""
     from models.errors import SeriesError
     from models.loading import load_series
     from models.transforms import route_chain
@@ -98,19 +98,22 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
     series = stored_series(route, database_url, sqlite_synchronous)
     if patients is not None:
         series = [s for s in series if s["label"] in patients]
-    images, owner, labels, skipped = [], [], [], 0
-    for s in tqdm(series, desc=f"load {route}", disable=not progress, leave=False):
+
+    def normalized(s: dict) -> list[np.ndarray] | str:
         try:
             loaded = load_series([Path(storage_dir) / p for p in s["paths"]], s["modality"], s["body_part"])
-            tensors = [chain(image) for image in loaded.images]
+            return [_as_uint8(chain(image)) for image in loaded.images]
         except (SeriesError, RuntimeError, ValueError) as error:
+            return f"series {s['series_pk']} skipped: {error}"
+
+    images, owner, labels, skipped = [], [], [], 0
+    for s, arrays in zip(series, _map_in_workers(normalized, series, workers, progress, f"load {route}")):
+        if isinstance(arrays, str):
             skipped += 1
-            log.warning("series %s skipped: %s", s["series_pk"], error)
+            log.warning("%s", arrays)
             continue
-        for t in tensors:
-            t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-            images.append(np.clip(np.rint(t.float().numpy() * 255), 0, 255).astype(np.uint8))
-            owner.append(len(labels))
+        images += arrays
+        owner += [len(labels)] * len(arrays)
         labels.append(s["label"])
     if not labels:
         raise ValueError(f"no usable processed series of route {route} in the database")
@@ -120,29 +123,58 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
 
 
 def load_manifest_examples(rows: list[tuple[Path, str]], route: str, geometry: dict | None,
-                           progress: bool = False) -> Examples:
+                           progress: bool = False, workers: int = 0) -> Examples:
     """Manifest rows as examples: a PNG/JPEG file is one image (2D routes); a folder of DICOM files or
-    a .dcm file is one series, loaded and normalized as the pipeline does."""
-    from tqdm import tqdm
-
+    a .dcm file is one series, loaded and normalized as the pipeline does; `workers` processes (0: this one)."""
     from models.evaluate import read_picture
     from models.loading import load_series
     from models.transforms import ROUTE_INPUTS, route_chain
     chain = route_chain(route, geometry)
-    images, owner, labels = [], [], []
-    for path, label in tqdm(rows, desc=f"load {route}", disable=not progress, leave=False):
-        path = Path(path)
+
+    def normalized(row: tuple[Path, str]) -> list[np.ndarray]:
+        path = Path(row[0])
         if path.is_dir() or path.suffix.lower() == ".dcm":
             files = sorted(path.glob("*.dcm")) if path.is_dir() else [path]
-            tensors = [chain(image) for image in load_series(files).images]
-        else:
-            tensors = [chain(read_picture(path, ROUTE_INPUTS[route]["channels"]))]
-        for t in tensors:
-            t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-            images.append(np.clip(np.rint(t.float().numpy() * 255), 0, 255).astype(np.uint8))
-            owner.append(len(labels))
+            return [_as_uint8(chain(image)) for image in load_series(files).images]
+        return [_as_uint8(chain(read_picture(path, ROUTE_INPUTS[route]["channels"])))]
+
+    images, owner, labels = [], [], []
+    for (_, label), arrays in zip(rows, _map_in_workers(normalized, rows, workers, progress, f"load {route}")):
+        images += arrays
+        owner += [len(labels)] * len(arrays)
         labels.append(label)
     return Examples(np.stack(images), np.asarray(owner), labels)
+
+
+def _as_uint8(t) -> np.ndarray:
+    """A normalized [0, 1] tensor kept as uint8 (a quarter of float32's memory for a whole training set)."""
+    t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+    return np.clip(np.rint(t.float().numpy() * 255), 0, 255).astype(np.uint8)
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, function, items) -> None:
+        self.function, self.items = function, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.function(self.items[index])
+
+
+def _as_is(value):
+    return value
+
+
+def _map_in_workers(function, items: list, workers: int, progress: bool, desc: str):
+    """function(item) for each item, in order, computed in `workers` processes (torch's DataLoader: it
+    starts, feeds and orders the worker processes; each gets one torch thread); 0: in this process."""
+    from tqdm import tqdm
+    results = (map(function, items) if workers <= 0 else
+               torch.utils.data.DataLoader(_Mapped(function, items), batch_size=None, num_workers=workers,
+                                           collate_fn=_as_is, prefetch_factor=8))
+    return tqdm(results, total=len(items), desc=desc, disable=not progress, leave=False)
 
 
 def redact_url(url: str) -> str:

@@ -74,9 +74,23 @@ class EmbeddingNet(nn.Module):
 # is augmented with any rotation and flip: a dermoscope has no orientation) is made exactly invariant by
 # averaging its embeddings over the symmetry group. Hand-written: MONAI's TestTimeAugmentation draws random
 # transforms for uncertainty estimates, not a fixed group, and returns no embedding average.
+def _translated(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """x moved by `step` voxels along `dim`, the uncovered slab zero (the background of a normalized input)."""
+    out = torch.roll(x, step, dims=dim)
+    out.narrow(dim, 0 if step > 0 else x.shape[dim] + step, abs(step)).zero_()
+    return out
+
+
+def _shifts(x: torch.Tensor, step: int = 2) -> list[torch.Tensor]:
+    # Networks trained with random translations (every route's RandAffine) are only nearly invariant to
+    # them; averaging over the input and its +-step moves along each spatial axis smooths that wobble.
+    return [x] + [_translated(x, d, s) for d in range(2, x.ndim) for s in (step, -step)]
+
+
 TEST_TIME_VIEWS = {
     "none": lambda x: [x],
     "dihedral": lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)],
+    "shifts": _shifts,
 }
 
 

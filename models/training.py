@@ -78,6 +78,7 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     threads: int = 0                  # 0: torch default
+    load_workers: int = 0             # processes loading the series (0: this one)
     device: str = "auto"
     max_minutes: float = 0.0          # 0: no time limit
     resume: bool = False
@@ -191,14 +192,14 @@ def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Example
     manifests = [cfg.manifest] if isinstance(cfg.manifest, (str, Path)) else list(cfg.manifest or [])
     for manifest in manifests:
         rows = read_manifest(manifest)
-        parts.append(load_manifest_examples(rows, cfg.route, geometry, progress))
+        parts.append(load_manifest_examples(rows, cfg.route, geometry, progress, cfg.load_workers))
         data.setdefault("manifests", []).append(str(Path(manifest).resolve()))
         data.setdefault("manifest_rows", []).append(len(rows))
     if len(manifests) == 1:
         data["manifest"] = data["manifests"][0]
     if cfg.from_db:
         ex, info = load_examples(cfg.route, cfg.database_url, cfg.storage_dir, geometry, cfg.sqlite_synchronous,
-                                 progress)
+                                 progress, workers=cfg.load_workers)
         parts.append(ex)
         data.update(database=info["database"], database_series=info["series"], database_images=info["images"],
                     database_skipped_series=info["skipped_series"], database_labels=info["label"])

@@ -254,6 +254,40 @@ def test_dihedral_test_time_views_make_embeddings_orientation_free(tmp_path):
         assert np.allclose(views.embed(t), reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 12, 10), (2, 1, 8, 9, 10)])
+def test_shift_views_are_the_input_and_its_moves_along_each_axis(shape):
+    from models.networks import TEST_TIME_VIEWS
+    x = torch.rand(shape) + 0.5                       # no zeros of its own: every zero below was uncovered
+    views = TEST_TIME_VIEWS["shifts"](x)
+    spatial = len(shape) - 2
+    assert len(views) == 1 + 2 * spatial and torch.equal(views[0], x)
+    for k, view in enumerate(views[1:]):
+        dim, step = 2 + k // 2, (2, -2)[k % 2]
+        n = shape[dim]
+        kept = view.narrow(dim, 2, n - 2) if step > 0 else view.narrow(dim, 0, n - 2)
+        source = x.narrow(dim, 0, n - 2) if step > 0 else x.narrow(dim, 2, n - 2)
+        uncovered = view.narrow(dim, 0, 2) if step > 0 else view.narrow(dim, n - 2, 2)
+        assert torch.equal(kept, source) and not uncovered.any()
+
+
+def test_shift_views_average_a_volume_models_embedding(tmp_path):
+    from models.networks import DEFAULT_SPECS, EmbeddingNet, TEST_TIME_VIEWS, seeded, spec_dict
+    spec = DEFAULT_SPECS["chest_ct"]
+    for name, extra in (("plain", {}), ("shifts", {"test_time_views": "shifts"})):
+        (tmp_path / name / "chest_ct").mkdir(parents=True)
+        torch.save(seeded(lambda: EmbeddingNet(spec), 5).state_dict(), tmp_path / name / "chest_ct" / "model.pt")
+        (tmp_path / name / "chest_ct" / "card.json").write_text(json.dumps({"arch": spec_dict(spec), **extra}))
+    plain = load_identity_model("chest_ct", tmp_path / "plain", torch.device("cpu"))
+    shifted = load_identity_model("chest_ct", tmp_path / "shifts", torch.device("cpu"))
+    x = torch.rand(2, 1, 24, 24, 16)
+    averaged = shifted.embed(x)
+    assert shifted.views == "shifts" and averaged.shape == (2, spec.dim)
+    assert np.allclose(np.linalg.norm(averaged, axis=1), 1, atol=1e-5)
+    by_hand = np.mean([plain.embed(v) for v in TEST_TIME_VIEWS["shifts"](x)], axis=0)
+    by_hand /= np.linalg.norm(by_hand, axis=1, keepdims=True)
+    assert np.allclose(averaged, by_hand, atol=1e-5) and not np.allclose(averaged, plain.embed(x), atol=1e-3)
+
+
 def test_unknown_test_time_views_refused_at_load(tmp_path):
     from models.networks import WeightsError
     folder = _dermoscopy_weights(tmp_path, {"test_time_views": "kaleidoscope"})

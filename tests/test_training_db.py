@@ -152,3 +152,30 @@ def test_card_geometry_in_the_pipeline_for_2d(tmp_path):
     pipeline = SeriesPipeline(PipelineSettings(), tmp_path / "weights")
     assert tuple(pipeline.transforms["dermoscopy"](torch.rand(3, 100, 80)).shape) == (3, 48, 48)
     assert tuple(pipeline.transforms["fundus"](torch.rand(3, 100, 80)).shape) == (3, 224, 224)
+
+
+def test_worker_processes_load_the_same_examples_as_one(archive, tmp_path):
+    from dicom_node.config import load_settings
+    from models.db_data import load_examples, load_manifest_examples
+    from models.errors import SeriesError
+    from models.evaluate import read_manifest
+    from models.synth_manifest import main as synth_manifest
+    config, root = archive
+    settings = load_settings(config)
+    geometry = {"shape": [16, 16, 8], "spacing": [24.0, 24.0, 40.0]}
+    alone, info = load_examples("chest_ct", settings.database_url, settings.storage_dir, geometry)
+    shared, shared_info = load_examples("chest_ct", settings.database_url, settings.storage_dir, geometry, workers=2)
+    assert len(alone) == 8 and info == shared_info
+    assert alone.labels == shared.labels and np.array_equal(alone.owner, shared.owner)
+    assert np.array_equal(alone.images, shared.images)
+
+    manifest = tmp_path / "fundus.csv"
+    assert synth_manifest([str(root / "cohort"), "--modality", "fundus", "--out", str(manifest)]) == 0
+    rows = read_manifest(manifest)
+    alone = load_manifest_examples(rows, "fundus", {"size": 32})
+    shared = load_manifest_examples(rows, "fundus", {"size": 32}, workers=2)
+    assert len(alone.images) == 16 and np.array_equal(alone.images, shared.images)     # both eyes per row
+    assert alone.labels == shared.labels and np.array_equal(alone.owner, shared.owner)
+    (tmp_path / "empty").mkdir()                   # a row without images fails the same in a worker
+    with pytest.raises(SeriesError):
+        load_manifest_examples(rows[:3] + [(tmp_path / "empty", "x")], "fundus", {"size": 32}, workers=2)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Which test-time views help a route's identity model? (an experiment for docs/accuracy.md)
+
+    .venv/bin/python benchmarks/test_time_views.py --route brain_mr \
+        --manifest /tmp/train/man/mr-select302-first-series.csv none shifts shifts:1 shifts:3 grid:2
+
+Scores one manifest with `dicom-node evaluate` once per view set, each time with the registry
+model (`--weights-dir`, default models/weights) whose card names that view set, and prints
+Rank-1, mAP, ROC AUC, EER and TAR at FAR 1e-3 per set. View sets: the names of
+`models.networks.TEST_TIME_VIEWS` (`none`, `dihedral`, `shifts`) and these variants, which
+only this experiment knows:
+
+* `shifts:K` - the input and its moves by K voxels up and down each axis (`shifts` is K = 2);
+* `shifts:K+L` - the moves of K and of L together (one set);
+* `grid:K` - every combination of -K, 0, +K along each axis (27 views of a volume);
+* `dihedral+shifts:K` - each of the 8 dihedral views with its moves by K (2D only).
+
+The card is copied to a scratch folder for each run; the weights folder is not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _grid(x, step: int) -> list:
+    from models.networks import _translated
+    views = []
+    for moves in itertools.product((-step, 0, step), repeat=x.ndim - 2):
+        v = x
+        for dim, move in enumerate(moves, start=2):
+            v = _translated(v, dim, move) if move else v
+        views.append(v)
+    return views
+
+
+def register_variant(name: str) -> None:
+    """Adds a variant view set named as in the module docstring to TEST_TIME_VIEWS."""
+    from models.networks import TEST_TIME_VIEWS, _shifts
+    if name in TEST_TIME_VIEWS:
+        return
+    kind, _, arg = name.partition(":")
+    steps = [int(k) for k in arg.split("+")] if arg else []
+    if kind == "shifts" and steps:
+        TEST_TIME_VIEWS[name] = lambda x: [x] + [v for k in steps for v in _shifts(x, k)[1:]]
+    elif kind == "grid" and len(steps) == 1:
+        TEST_TIME_VIEWS[name] = lambda x: _grid(x, steps[0])
+    elif kind == "dihedral+shifts" and len(steps) == 1:
+        TEST_TIME_VIEWS[name] = lambda x: [w for v in TEST_TIME_VIEWS["dihedral"](x) for w in _shifts(v, steps[0])]
+    else:
+        raise SystemExit(f"unknown view set {name!r}")
+
+
+def score(route: str, manifest: str, weights: Path, views: str) -> dict:
+    from dicom_node.cli import main
+    register_variant(views)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        shutil.copytree(weights / route, folder / route, ignore=shutil.ignore_patterns("checkpoint.pt"))
+        card_path = folder / route / "card.json"
+        card = json.loads(card_path.read_text())
+        card.pop("test_time_views", None)
+        if views != "none":
+            card["test_time_views"] = views
+        card_path.write_text(json.dumps(card))
+        with contextlib.redirect_stdout(io.StringIO()):
+            if main(["evaluate", "--route", route, "--manifest", manifest, "--weights-dir", str(folder),
+                     "--json", str(folder / "report.json")]) != 0:
+                raise SystemExit(f"evaluate failed for {views}")
+        return json.loads((folder / "report.json").read_text())["results"]["model"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--route", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--weights-dir", type=Path, default=Path("models/weights"))
+    p.add_argument("views", nargs="+", help="view sets to compare (see the module docstring)")
+    args = p.parse_args(argv)
+    print(f"{args.route} on {args.manifest}: Rank-1 / mAP / AUC / EER / TAR@FAR1e-3")
+    for views in args.views:
+        r = score(args.route, args.manifest, args.weights_dir, views)
+        print(f"{views:18s} {r['rank1']:.3f} / {r['mAP']:.3f} / {r['roc_auc']:.4f} / {r['eer']:.3f} / "
+              f"{r['tar_at_far_1e-3']:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
