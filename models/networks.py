@@ -70,10 +70,6 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.backbone(x), dim=1)
 
 
-# Test-time views (card "test_time_views"): a network trained to be invariant to a symmetry (dermoscopy
-# is augmented with any rotation and flip: a dermoscope has no orientation) is made exactly invariant by
-# averaging its embeddings over the symmetry group. Hand-written: MONAI's TestTimeAugmentation draws random
-# transforms for uncertainty estimates, not a fixed group, and returns no embedding average.
 def _translated(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
     """x moved by `step` voxels along `dim`, the uncovered slab zero (the background of a normalized input)."""
     out = torch.roll(x, step, dims=dim)
@@ -87,6 +83,11 @@ def _shifts(x: torch.Tensor, step: int = 2) -> list[torch.Tensor]:
     return [x] + [_translated(x, d, s) for d in range(2, x.ndim) for s in (step, -step)]
 
 
+# Test-time views (card "test_time_views"): a network trained to be invariant to a symmetry (dermoscopy
+# is augmented with any rotation and flip: a dermoscope has no orientation) is made exactly invariant by
+# averaging its embeddings over the symmetry group. Hand-written: MONAI's TestTimeAugmentation draws random
+# transforms for uncertainty estimates, not a fixed group, and returns no embedding average.
+# Shifts: see _shifts.
 TEST_TIME_VIEWS = {
     "none": lambda x: [x],
     "dihedral": lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)],

@@ -192,7 +192,7 @@ def load_data(cfg: TrainConfig, geometry: dict, progress: bool) -> tuple[Example
     manifests = [cfg.manifest] if isinstance(cfg.manifest, (str, Path)) else list(cfg.manifest or [])
     for manifest in manifests:
         rows = read_manifest(manifest)
-        parts.append(load_manifest_examples(rows, cfg.route, geometry, progress, cfg.load_workers))
+        parts.append(load_manifest_examples(rows, cfg.route, geometry, progress, workers=cfg.load_workers))
         data.setdefault("manifests", []).append(str(Path(manifest).resolve()))
         data.setdefault("manifest_rows", []).append(len(rows))
     if len(manifests) == 1:
