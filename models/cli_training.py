@@ -32,7 +32,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic and (args.manifest or args.from_db):
         print("dicom-node train: --synthetic cannot be combined with --manifest or --from-db", file=sys.stderr)
         return 2
+    from models.networks import WeightsError, check_views
     from models.training import TrainConfig, train
+    try:                                  # the names live in one place: models.networks.TEST_TIME_VIEWS
+        check_views(args.test_time_views, "--test-time-views")
+    except WeightsError as error:
+        print(f"dicom-node train: {error}", file=sys.stderr)
+        return 2
     db = {}
     if args.from_db:
         from dicom_node.config import load_settings
@@ -140,7 +146,7 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--hard-batches", type=int, default=0, metavar="G",
                        help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
                             "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
-    train.add_argument("--test-time-views", choices=("none", "dihedral", "shifts"), default="none",
+    train.add_argument("--test-time-views", default="none", metavar="{none,dihedral,shifts}",
                        help="validate, and let the node embed, averaging each image's embedding over these views: "
                             "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
                             "rotation and flip, dermoscopy); 'shifts' = the input and its moves by 2 voxels or "

@@ -295,6 +295,11 @@ def test_unknown_test_time_views_refused_at_load(tmp_path):
         load_identity_model("dermoscopy", folder, torch.device("cpu"))
 
 
+def test_training_refuses_unknown_test_time_views_before_loading(tmp_path, capsys):
+    assert main(TRAIN + ["--test-time-views", "kaleidoscope", "--out", str(tmp_path / "t")]) == 2
+    assert "kaleidoscope" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
 def test_training_records_test_time_views_in_the_card(tmp_path):
     out = tmp_path / "views"
     assert main(TRAIN + ["--epochs", "1", "--test-time-views", "dihedral", "--out", str(out)]) == 0
