@@ -13,7 +13,14 @@ only this experiment knows:
 * `shifts:K` - the input and its moves by K voxels up and down each axis (`shifts` is K = 2);
 * `shifts:K+L` - the moves of K and of L together (one set);
 * `grid:K` - every combination of -K, 0, +K along each axis (27 views of a volume);
-* `dihedral+shifts:K` - each of the 8 dihedral views with its moves by K (2D only).
+* `dihedral+shifts:K` - each of the 8 dihedral views with its moves by K (2D only);
+* `shifts+rot:D` - `shifts` plus turns by +-D degrees in the first two spatial axes (the axial
+  plane of a volume);
+* `shifts+zoom:P` - `shifts` plus zooms in and out by P percent about the centre;
+* `shifts+rotzoom:D,P` - both.
+
+Turns and zooms stay inside the range the volume routes train with (RandAffine: 0.08 rad,
+6 %), so each view is a plausible input.
 
 The card is copied to a scratch folder for each run; the weights folder is not changed.
 """
@@ -44,17 +51,50 @@ def _grid(x, step: int) -> list:
     return views
 
 
+def _affine(x, degrees: float = 0.0, zoom: float = 1.0):
+    """x turned by `degrees` in its first two spatial axes and zoomed by `zoom` (trilinear, zero outside)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    n = x.ndim - 2
+    a = math.radians(degrees)
+    theta = torch.eye(n, n + 1, dtype=x.dtype) / zoom
+    # affine_grid orders coordinates from the last tensor axis to the first; the first two spatial
+    # axes are the last two coordinates (equal sizes and spacing in-plane, so this is a true turn)
+    i, j = n - 1, n - 2
+    theta[i, i], theta[i, j], theta[j, i], theta[j, j] = (math.cos(a) / zoom, -math.sin(a) / zoom,
+                                                          math.sin(a) / zoom, math.cos(a) / zoom)
+    grid = F.affine_grid(theta.expand(x.shape[0], n, n + 1), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _rot_zoom_views(x, degrees: float, percent: float) -> list:
+    from models.networks import _shifts
+    views = _shifts(x, 2)
+    if degrees:
+        views += [_affine(x, degrees=d) for d in (degrees, -degrees)]
+    if percent:
+        views += [_affine(x, zoom=1 + p / 100) for p in (percent, -percent)]
+    return views
+
+
 def register_variant(name: str) -> None:
     """Adds a variant view set named as in the module docstring to TEST_TIME_VIEWS."""
     from models.networks import TEST_TIME_VIEWS, _shifts
     if name in TEST_TIME_VIEWS:
         return
     kind, _, arg = name.partition(":")
-    steps = [int(k) for k in arg.split("+")] if arg else []
+    steps = [int(k) for k in arg.split("+")] if arg and "," not in arg and "." not in arg else []
     if kind == "shifts" and steps:
         TEST_TIME_VIEWS[name] = lambda x: [x] + [v for k in steps for v in _shifts(x, k)[1:]]
     elif kind == "grid" and len(steps) == 1:
         TEST_TIME_VIEWS[name] = lambda x: _grid(x, steps[0])
+    elif kind in ("shifts+rot", "shifts+zoom", "shifts+rotzoom"):
+        vals = [float(v) for v in arg.split(",")]
+        degrees = vals[0] if kind != "shifts+zoom" else 0.0
+        percent = vals[-1] if kind != "shifts+rot" else 0.0
+        TEST_TIME_VIEWS[name] = lambda x: _rot_zoom_views(x, degrees, percent)
     elif kind == "dihedral+shifts" and len(steps) == 1:
         TEST_TIME_VIEWS[name] = lambda x: [w for v in TEST_TIME_VIEWS["dihedral"](x) for w in _shifts(v, steps[0])]
     else:
