@@ -19,8 +19,8 @@ only this experiment knows:
 * `shifts+zoom:P` - `shifts` plus zooms in and out by P percent about the centre;
 * `shifts+rotzoom:D,P` - both.
 
-Turns and zooms stay inside the range the volume routes train with (RandAffine: 0.08 rad,
-6 %), so each view is a plausible input.
+The volume routes train with turns up to 0.08 rad (4.6 degrees) and zooms up to 6 % (RandAffine
+in models/augment.py); views of 2-3 degrees or percent stay inside that range.
 
 The card is copied to a scratch folder for each run; the weights folder is not changed.
 """
