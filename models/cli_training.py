@@ -146,11 +146,12 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--hard-batches", type=int, default=0, metavar="G",
                        help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
                             "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
-    train.add_argument("--test-time-views", default="none", metavar="{none,dihedral,shifts}",
+    train.add_argument("--test-time-views", default="none", metavar="{none,dihedral,shifts,shifts:4}",
                        help="validate, and let the node embed, averaging each image's embedding over these views: "
                             "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
                             "rotation and flip, dermoscopy); 'shifts' = the input and its moves by 2 voxels or "
-                            "pixels up and down each axis (any route); recorded in the card (test_time_views)")
+                            "pixels up and down each axis (any route); 'shifts:4' the same with moves of 4; "
+                            "recorded in the card (test_time_views)")
     train.add_argument("--trust-labels", action="store_true",
                        help="with --hard-batches: the labels are known to be right (synthetic truth), so even the "
                             "closest look-alikes are negatives; without it, a look-alike as close as a person's own "

@@ -254,19 +254,20 @@ def test_dihedral_test_time_views_make_embeddings_orientation_free(tmp_path):
         assert np.allclose(views.embed(t), reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("views_name, move", [("shifts", 2), ("shifts:4", 4)])
 @pytest.mark.parametrize("shape", [(2, 1, 12, 10), (2, 1, 8, 9, 10)])
-def test_shift_views_are_the_input_and_its_moves_along_each_axis(shape):
+def test_shift_views_are_the_input_and_its_moves_along_each_axis(shape, views_name, move):
     from models.networks import TEST_TIME_VIEWS
     x = torch.rand(shape) + 0.5                       # no zeros of its own: every zero below was uncovered
-    views = TEST_TIME_VIEWS["shifts"](x)
+    views = TEST_TIME_VIEWS[views_name](x)
     spatial = len(shape) - 2
     assert len(views) == 1 + 2 * spatial and torch.equal(views[0], x)
     for k, view in enumerate(views[1:]):
-        dim, step = 2 + k // 2, (2, -2)[k % 2]
+        dim, step = 2 + k // 2, (move, -move)[k % 2]
         n = shape[dim]
-        kept = view.narrow(dim, 2, n - 2) if step > 0 else view.narrow(dim, 0, n - 2)
-        source = x.narrow(dim, 0, n - 2) if step > 0 else x.narrow(dim, 2, n - 2)
-        uncovered = view.narrow(dim, 0, 2) if step > 0 else view.narrow(dim, n - 2, 2)
+        kept = view.narrow(dim, move, n - move) if step > 0 else view.narrow(dim, 0, n - move)
+        source = x.narrow(dim, 0, n - move) if step > 0 else x.narrow(dim, move, n - move)
+        uncovered = view.narrow(dim, 0, move) if step > 0 else view.narrow(dim, n - move, move)
         assert torch.equal(kept, source) and not uncovered.any()
 
 
