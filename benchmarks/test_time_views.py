@@ -10,7 +10,8 @@ Rank-1, mAP, ROC AUC, EER and TAR at FAR 1e-3 per set. View sets: the names of
 `models.networks.TEST_TIME_VIEWS` (`none`, `dihedral`, `shifts`) and these variants, which
 only this experiment knows:
 
-* `shifts:K` - the input and its moves by K voxels up and down each axis (`shifts` is K = 2);
+* `shifts:K` - the input and its moves by K voxels up and down each axis (`shifts` is K = 2;
+  `shifts:4` has since become a card value of its own, the same views);
 * `shifts:K+L` - the moves of K and of L together (one set);
 * `grid:K` - every combination of -K, 0, +K along each axis (27 views of a volume);
 * `dihedral+shifts:K` - each of the 8 dihedral views with its moves by K (2D only);
