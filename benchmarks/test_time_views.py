@@ -86,16 +86,20 @@ def register_variant(name: str) -> None:
     if name in TEST_TIME_VIEWS:
         return
     kind, _, arg = name.partition(":")
-    steps = [int(k) for k in arg.split("+")] if arg and "," not in arg and "." not in arg else []
-    if kind == "shifts" and steps:
+    try:
+        if kind in ("shifts+rot", "shifts+zoom", "shifts+rotzoom"):      # arguments D, P or D,P
+            vals = [float(v) for v in arg.split(",")]
+            degrees = vals[0] if kind != "shifts+zoom" else 0.0
+            percent = vals[-1] if kind != "shifts+rot" else 0.0
+            TEST_TIME_VIEWS[name] = lambda x: _rot_zoom_views(x, degrees, percent)
+            return
+        steps = [int(k) for k in arg.split("+")]                         # arguments K or K+L...
+    except ValueError:
+        raise SystemExit(f"unknown view set {name!r}") from None
+    if kind == "shifts":
         TEST_TIME_VIEWS[name] = lambda x: [x] + [v for k in steps for v in _shifts(x, k)[1:]]
     elif kind == "grid" and len(steps) == 1:
         TEST_TIME_VIEWS[name] = lambda x: _grid(x, steps[0])
-    elif kind in ("shifts+rot", "shifts+zoom", "shifts+rotzoom"):
-        vals = [float(v) for v in arg.split(",")]
-        degrees = vals[0] if kind != "shifts+zoom" else 0.0
-        percent = vals[-1] if kind != "shifts+rot" else 0.0
-        TEST_TIME_VIEWS[name] = lambda x: _rot_zoom_views(x, degrees, percent)
     elif kind == "dihedral+shifts" and len(steps) == 1:
         TEST_TIME_VIEWS[name] = lambda x: [w for v in TEST_TIME_VIEWS["dihedral"](x) for w in _shifts(v, steps[0])]
     else:

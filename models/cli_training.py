@@ -146,8 +146,9 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--hard-batches", type=int, default=0, metavar="G",
                        help="batches of look-alike persons: neighbourhoods of G persons nearest under the current "
                             "network, re-mined each epoch (hard negatives such as siblings; 0: random persons)")
-    train.add_argument("--test-time-views", default="none", metavar="{none,dihedral,shifts,shifts:4}",
-                       help="validate, and let the node embed, averaging each image's embedding over these views: "
+    train.add_argument("--test-time-views", default="none", metavar="VIEWS",
+                       help="a name of models.networks.TEST_TIME_VIEWS (default none): validate, and let the node embed, "
+                            "averaging each image's embedding over these views: "
                             "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
                             "rotation and flip, dermoscopy); 'shifts' = the input and its moves by 2 voxels or "
                             "pixels up and down each axis (any route); 'shifts:4' the same with moves of 4; "

@@ -8,11 +8,18 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "test_time_views.py"
 
 
-def _script():
+def _load_script():
     spec = importlib.util.spec_from_file_location("test_time_views_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_SCRIPT = _load_script()
+
+
+def _script():
+    return _SCRIPT
 
 
 def test_no_turn_no_zoom_is_the_input():
