@@ -99,6 +99,21 @@ class WorkQueue:
                 .values(state=SeriesState.stable, claim_token=None, claimed_at=None, state_changed_at=utcnow())
             ).rowcount
 
+    def requeue_other_models(self, current: dict[str, tuple[str, str]]) -> dict[str, int]:
+        """Put back in the queue every done series whose embedding another model made than `current`
+        (route -> (model name, version)): after a model change, only a route's series embedded by one
+        model are compared, so the archive's earlier series must be embedded again. Counts per route."""
+        now, counts = utcnow(), {}
+        with self._sessions.begin() as session:
+            for route, (name, version) in sorted(current.items()):
+                stale = select(Embedding.series_pk).where(
+                    Embedding.route == route, or_(Embedding.model_name != name, Embedding.model_version != version))
+                counts[route] = session.execute(
+                    update(Series).where(Series.state == SeriesState.done, Series.id.in_(stale))
+                    .values(state=SeriesState.stable, attempts=0, next_attempt_at=None, state_changed_at=now)
+                    .execution_options(synchronize_session=False)).rowcount
+        return counts
+
     def retry_failed(self) -> int:
         """Put every failed series back in the queue (after a fix, say)."""
         with self._sessions.begin() as session:

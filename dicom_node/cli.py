@@ -79,6 +79,11 @@ def cmd_process(args: argparse.Namespace) -> int:
         worker.queue.release_claims()  # embedded store: no other process holds claims
     if args.retry_failed:
         print(f"re-queued {worker.queue.retry_failed()} failed series")
+    if args.reembed:
+        models = {route: (m.name, m.version) for route, m in worker.pipeline.models.items()}
+        counts = worker.queue.requeue_other_models(models)
+        print(f"re-queued {sum(counts.values())} series embedded by another model than the current one ("
+              + (", ".join(f"{route} {n}" for route, n in counts.items() if n) or "none") + ")")
     stats = worker.run_until_idle()
     per_series = 1000 * stats.seconds / stats.done if stats.done else 0.0
     routes = ", ".join(f"{route} {n}" for route, n in sorted(stats.by_route.items())) or "none"
@@ -144,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--stable-now", action="store_true",
                          help="treat every series still receiving as stable at once (batch use, tests)")
     process.add_argument("--retry-failed", action="store_true", help="re-queue failed series first")
+    process.add_argument("--reembed", action="store_true",
+                         help="re-queue first every processed series whose embedding another model made than the "
+                              "route's current one (after a model change: train, adapt, an update)")
     process.set_defaults(handler=cmd_process)
 
     db = commands.add_parser("db", help="database maintenance")

@@ -1,4 +1,4 @@
-"""`dicom-node train` and `dicom-node evaluate` (torch and friends imported inside the handlers)."""
+"""`dicom-node train`, `evaluate` and `adapt` (torch and friends imported inside the handlers)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.out}/model.pt and card.json ({card['name']} {card['version']}); validation: "
           f"Rank-1 {v['rank1']:.3f} mAP {v['mAP']:.3f} AUC {v['roc_auc']:.3f} EER {v['eer']:.3f} "
           f"({v['patients']} patients, {v['images']} images)")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.adaptation import adapt_to_folder, archive_source, manifest_source, require_trained
+    from models.networks import WeightsError, load_identity_model
+    from models.transforms import route_geometry
+    if bool(args.manifest) == bool(args.from_db):
+        print("dicom-node adapt: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
+        return 2
+    weights = _weights_dir(args)
+    try:
+        model = load_identity_model(args.route, weights, torch.device("cpu"))
+        require_trained(model)
+        geometry = route_geometry(args.route, model.card.get("input"))
+        if args.manifest:
+            from models.db_data import load_manifest_examples
+            from models.evaluate import read_manifest
+            examples = load_manifest_examples(read_manifest(args.manifest), args.route, geometry,
+                                              progress=sys.stderr.isatty())
+            source = manifest_source(args.manifest)
+        else:
+            from dicom_node.config import load_settings
+            from models.db_data import load_examples
+            settings = load_settings(args.config)
+            examples, _ = load_examples(args.route, settings.database_url, Path(settings.storage_dir), geometry,
+                                        settings.database.sqlite_synchronous, progress=sys.stderr.isatty())
+            source = archive_source(settings.database_url, args.route)
+        card = adapt_to_folder(model, examples, args.out, source,
+                               "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    except (WeightsError, ValueError, OSError) as error:
+        print(f"dicom-node adapt: {error}", file=sys.stderr)
+        return 1
+    a = card["adaptation"]
+    print(f"wrote {args.out}/model.pt and card.json ({card['name']} {card['version']}): batch-norm statistics of "
+          f"{a['images']} images ({a['examples']} series); base {a['base']['version']}. Refit the calibration with "
+          f"`dicom-node evaluate --route {args.route} ... --update-card NAME` on labelled pairs.")
     return 0
 
 
@@ -177,3 +216,13 @@ def add_subcommands(subparsers) -> None:
                          "card's calibration on these pairs (only for patients the model never trained on)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(handler=cmd_evaluate)
+
+    ad = subparsers.add_parser("adapt", help="adapt an identity model's batch-norm statistics to the site's "
+                                             "images (no labels)")
+    ad.add_argument("--route", required=True)
+    src = ad.add_mutually_exclusive_group()
+    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (patient_id is not used)")
+    src.add_argument("--from-db", action="store_true", help="the archive's processed series of the route")
+    ad.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
+    ad.add_argument("--out", type=Path, required=True, help="output folder (model.pt, card.json)")
+    ad.set_defaults(handler=cmd_adapt)

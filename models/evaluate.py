@@ -103,7 +103,8 @@ def scored_rows(card: dict, manifest: Path, all_patients: bool = False) -> tuple
     """The manifest rows to score and why: only the card's validation patients when the model was trained on it."""
     rows = read_manifest(manifest)
     if all_patients or not trained_on_manifest(card, manifest):
-        return rows, "all patients of the manifest"
+        from models.adaptation import adaptation_note, manifest_source
+        return rows, "all patients of the manifest" + adaptation_note(card, manifest_source(manifest))
     keep = set(card.get("validation_patients") or [])
     rows = [r for r in rows if r[1] in keep]
     if not rows:
@@ -185,11 +186,13 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
     from models.db_data import embed_examples, load_examples, pixel_embeddings, redact_url
     from models.networks import load_identity_model
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
+    from models.adaptation import adaptation_note, archive_source
     keep, selection = None, "all patients of the archive"
     trained_on = (model.card.get("training_data") or {}).get("database")
     if trained_on and not all_patients and trained_on == redact_url(database_url):
         keep = set(model.card.get("validation_patients") or [])
         selection = f"only the {len(keep)} validation patients of the card (the model was trained on this archive)"
+    selection += adaptation_note(model.card, archive_source(database_url, route))
     stored = None
     if not recompute:
         try:

@@ -215,3 +215,27 @@ def need(tool: str) -> str:
 def dataset_bytes(path: Path) -> bytes:
     """The encoded data set of a Part 10 file, file meta stripped."""
     return split_part10(Path(path).read_bytes())[1]
+
+
+def write_image_manifest(folder, patients=6, per=3, contrast=1.0, offset=0):
+    """A manifest of synthetic chest-like PNG/JPEG images (`patients` x `per`), pixels scaled by `contrast` and
+    shifted by `offset` (another "site"), plus one duplicate row that readers skip."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from models.training import synthetic_patients
+    images, labels = synthetic_patients(patients, per, 48, seed=7)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for k, (img, lab) in enumerate(zip(images, labels)):
+        name = f"images/{k}.png" if k % 2 else f"images/{k}.jpg"
+        Image.fromarray(np.clip(img[0] * contrast + offset, 0, 255).astype(np.uint8)).save(folder / name)
+        rows.append({"image": name, "patient_id": lab, "duplicate_of": ""})
+    rows.append({"image": "images/0.jpg", "patient_id": labels[0], "duplicate_of": "images/0.jpg"})  # skipped
+    with open(folder / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "patient_id", "duplicate_of"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "manifest.csv"

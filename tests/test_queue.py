@@ -82,6 +82,27 @@ def test_failures_back_off_then_give_up(store):
     assert queue.retry_failed() == 1 and len(queue.claim()) == 1
 
 
+def test_after_a_model_change_only_series_embedded_by_another_model_are_requeued(store):
+    stable_series(store, 4)
+    queue = WorkQueue(store.engine)
+    work = sorted(queue.claim(5), key=lambda w: w.series_uid)
+    old, new = embedding(1), embedding(2)
+    new = EmbeddingResult(new.route, new.model_name, "2", new.vector, new.dim)
+    other_route = EmbeddingResult("fundus", "eye-net", "1", old.vector, old.dim)
+    assert queue.complete(work[0], DECISION, old) and queue.complete(work[1], DECISION, new)
+    assert queue.complete(work[2], RouteDecision("fundus", 0.9, "header"), other_route)
+    queue.fail(work[3], "unreadable", retry_after_s=None)
+
+    counts = queue.requeue_other_models({"chest_ct": ("test-net", "2"), "fundus": ("eye-net", "1")})
+    assert counts == {"chest_ct": 1, "fundus": 0}
+    states = {uid: state_of(store, uid).state for uid in ("9.0", "9.1", "9.2", "9.3")}
+    assert states == {"9.0": SeriesState.stable, "9.1": SeriesState.done, "9.2": SeriesState.done,
+                      "9.3": SeriesState.failed}
+    (again,) = queue.claim(5)                           # re-processed with the new model: one embedding, replaced
+    assert again.series_uid == "9.0" and queue.complete(again, DECISION, new)
+    assert queue.requeue_other_models({"chest_ct": ("test-net", "2")}) == {"chest_ct": 0}
+
+
 def test_an_expired_claim_can_be_taken_over(store):
     stable_series(store, 1)
     queue = WorkQueue(store.engine, lease_s=60)

@@ -12,6 +12,7 @@ import torch
 
 from dicom_node.cli import main
 from models.networks import load_identity_model, sha256_file
+from tests.helpers import write_image_manifest
 
 TRAIN = ["train", "--route", "chest_xr", "--synthetic", "12", "--size", "64", "--batch-size", "12",
          "--threads", "1", "--patience", "5", "--val-fraction", "0.3"]
@@ -107,28 +108,9 @@ def test_fine_tuning_keeps_the_starting_models_validation_patients(trained, tmp_
     assert json.loads((fresh / "card.json").read_text())["validation_patients"] == fresh_split
 
 
-def _write_manifest(folder, patients=6, per=3):
-    from PIL import Image
-
-    from models.training import synthetic_patients
-    images, labels = synthetic_patients(patients, per, 48, seed=7)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for k, (img, lab) in enumerate(zip(images, labels)):
-        name = f"images/{k}.png" if k % 2 else f"images/{k}.jpg"
-        Image.fromarray(img[0]).save(folder / name)
-        rows.append({"image": name, "patient_id": lab, "duplicate_of": ""})
-    rows.append({"image": "images/0.jpg", "patient_id": labels[0], "duplicate_of": "images/0.jpg"})  # skipped
-    with open(folder / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "patient_id", "duplicate_of"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "manifest.csv"
-
-
 def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
     out = trained
-    manifest = _write_manifest(tmp_path / "set")
+    manifest = write_image_manifest(tmp_path / "set")
     weights = tmp_path / "weights"
     shutil.copytree(out, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
     report_dir, json_path = tmp_path / "report", tmp_path / "m.json"
@@ -149,7 +131,7 @@ def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
 
 
 def test_evaluate_untrained_route_and_bad_arguments(tmp_path):
-    manifest = _write_manifest(tmp_path / "set", patients=3, per=2)
+    manifest = write_image_manifest(tmp_path / "set", patients=3, per=2)
     assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest),
                  "--weights-dir", str(tmp_path / "empty"), "--json", str(tmp_path / "u.json")]) == 0
     assert json.loads((tmp_path / "u.json").read_text())["model"]["version"] == "untrained-seed0"

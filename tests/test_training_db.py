@@ -179,3 +179,55 @@ def test_worker_processes_load_the_same_examples_as_one(archive, tmp_path):
     (tmp_path / "empty").mkdir()                   # a row without images fails the same in a worker
     with pytest.raises(SeriesError):
         load_manifest_examples(rows[:3] + [(tmp_path / "empty", "x")], "fundus", {"size": 32}, workers=2)
+
+
+def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive, tmp_path, capsys):
+    config, _ = archive
+    run = tmp_path / "run"
+    assert _train(config, run, "chest_ct", "--shape", "16", "16", "8", "--spacing", "24", "24", "40") == 0
+    weights = tmp_path / "weights"
+    shutil.copytree(ROUTER, weights / "router")
+    shutil.copytree(run, weights / "chest_ct", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    out = tmp_path / "adapted" / "chest_ct"
+    assert main(["--config", str(config), "adapt", "--route", "chest_ct", "--from-db", "--weights-dir", str(weights),
+                 "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["adaptation"]["examples"] == 8 and card["adaptation"]["images"] == 8     # 4 persons x 2 visits
+    assert card["adaptation"]["source"].startswith("archive sqlite:///")
+    assert card["input"]["shape"] == [16, 16, 8]
+    report = tmp_path / "adapted.json"
+    assert main(["--config", str(config), "evaluate", "--route", "chest_ct", "--from-db", "--weights-dir",
+                 str(out.parent), "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["model"]["version"] == card["version"] and r["source"]["database"].startswith("series embedded now")
+    assert "batch-norm statistics were adapted on these images" in r["source"]["selection"]
+    shutil.copytree(out, weights / "chest_ct", dirs_exist_ok=True)
+    pipeline = SeriesPipeline(PipelineSettings(), weights)
+    assert pipeline.models["chest_ct"].version == card["version"]
+
+    # a copy of the archive, served with the adapted model: --reembed re-processes the CT series it embedded before
+    _, root = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "storage", copy / "storage")
+    shutil.copy(root / "node.db", copy / "node.db")
+    moved = write_toml(copy / "node.toml", node_config(copy, pipeline={"enabled": True, "weights_dir": str(weights),
+                                                                       "torch_threads": 1},
+                                                       linkage={"enabled": False}))
+    capsys.readouterr()
+    assert main(["--config", str(moved), "process", "--until-idle", "--reembed"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-queued 8 series embedded by another model than the current one (chest_ct 8)" in printed
+    assert "processed 8 series (chest_ct 8)" in printed
+    assert main(["--config", str(moved), "process", "--until-idle", "--reembed"]) == 0
+    assert "re-queued 0 series" in capsys.readouterr().out
+    from sqlalchemy import func, select
+
+    from db.engine import make_engine
+    from db.models import Embedding
+    engine = make_engine(f"sqlite:///{copy / 'node.db'}")
+    with engine.connect() as conn:
+        versions = conn.execute(select(Embedding.route, Embedding.model_version, func.count())
+                                .group_by(Embedding.route, Embedding.model_version)).all()
+    engine.dispose()
+    assert ("chest_ct", card["version"], 8) in versions and not [v for v in versions if v[0] == "chest_ct"
+                                                                 and v[1] != card["version"]]
