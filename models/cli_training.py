@@ -74,6 +74,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if bool(args.manifest) == bool(args.from_db):
         print("dicom-node adapt: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
         return 2
+    if not 0.0 <= args.keep_base <= 1.0:
+        print("dicom-node adapt: --keep-base must lie in [0, 1]", file=sys.stderr)
+        return 2
     weights = _weights_dir(args)
     try:
         model = load_identity_model(args.route, weights, torch.device("cpu"))
@@ -92,8 +95,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             examples, _ = load_examples(args.route, settings.database_url, Path(settings.storage_dir), geometry,
                                         settings.database.sqlite_synchronous, progress=sys.stderr.isatty())
             source = archive_source(settings.database_url, args.route)
-        card = adapt_to_folder(model, examples, args.out, source,
-                               "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        card = adapt_to_folder(model, examples, args.out, source, keep_base=args.keep_base,
+                               command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     except (WeightsError, ValueError, OSError) as error:
         print(f"dicom-node adapt: {error}", file=sys.stderr)
         return 1
@@ -225,4 +228,8 @@ def add_subcommands(subparsers) -> None:
     src.add_argument("--from-db", action="store_true", help="the archive's processed series of the route")
     ad.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
     ad.add_argument("--out", type=Path, required=True, help="output folder (model.pt, card.json)")
+    ad.add_argument("--keep-base", type=float, default=0.0, metavar="F",
+                    help="weight in [0, 1] of the base model's statistics in the adapted ones (default 0: the "
+                         "site's alone; 0.5 halves the change, for images only partly unlike the training set)")
     ad.set_defaults(handler=cmd_adapt)
+

@@ -61,6 +61,9 @@ def test_small_batches_and_views_and_refusals():
                           atol=0.05)
     turned = adapt_batchnorm(net, images, views="dihedral", batch=7)
     assert not torch.allclose(batchnorm_layers(whole)[-1].running_mean, batchnorm_layers(turned)[-1].running_mean)
+    half = adapt_batchnorm(net, images, batch=7, keep_base=0.5)    # halfway between base and site statistics
+    base_mean, site_mean = batchnorm_layers(net)[0].running_mean, batchnorm_layers(whole)[0].running_mean
+    assert torch.allclose(batchnorm_layers(half)[0].running_mean, (base_mean + site_mean) / 2, atol=1e-6)
     with pytest.raises(WeightsError):
         adapt_batchnorm(net, images, views="nonsense")
     with pytest.raises(ValueError, match="at least 2"):
@@ -89,7 +92,7 @@ def test_adapt_cli_writes_a_loadable_model_that_evaluate_recognises(trained_weig
     assert card["sha256"] == sha256_file(out / "model.pt") != base["sha256"]
     assert card["version"] != base["version"] and "adabn" in card["version"]
     a = card["adaptation"]
-    assert a["images"] == 18 and a["source"] == f"manifest {site.resolve()}"
+    assert a["images"] == 18 and a["source"] == f"manifest {site.resolve()}" and a["keep_base"] == 0.0
     assert a["base"]["version"] == base["version"] and a["base"]["metrics"] == base["metrics"]
     assert "metrics" not in card and card["calibration"]["fitted_on"].startswith("before adaptation")
     assert card["validation_patients"] == base["validation_patients"] and card["input"] == base["input"]
@@ -121,6 +124,8 @@ def test_adapt_cli_refuses_untrained_routes_and_missing_sources(tmp_path, capsys
                  "--out", str(tmp_path / "o")]) == 1
     assert "no trained model to adapt" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["adapt", "--route", "chest_xr", "--weights-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--keep-base", "1.5",
+                 "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit):
         main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--from-db", "--out", str(tmp_path / "o")])
 
