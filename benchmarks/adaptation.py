@@ -13,7 +13,9 @@ under two protocols:
 * **disjoint halves**: the patients are split in two at random (`--splits` times); the model
   adapted on one half's images is scored on the other half, and compared with the unadapted
   model on that same half (a smaller gallery, so both columns are higher than on the whole
-  set: compare across a row, not with the transductive row).
+  set: compare across a row, not with the transductive row). Also scored there, both models'
+  embeddings "centred": minus the mean embedding of the other half (label-free, like the
+  adaptation; not something the node does).
 
 When the model was trained on the manifest only the card's validation patients are used
 (as `evaluate` does).
@@ -56,41 +58,50 @@ def main(argv: list[str] | None = None) -> int:
     rows, note = scored_rows(model.card, args.manifest)
     ex = load_manifest_examples(rows, args.route, route_geometry(args.route, model.card.get("input")))
 
-    def score(net, examples) -> dict:
-        r = M.identity_metrics(embed_examples(net, examples, torch.device("cpu"), views=model.views),
-                               examples.labels, with_pml=False)
+    def embedded(net) -> np.ndarray:
+        return embed_examples(net, ex, torch.device("cpu"), views=model.views)
+
+    def score(vectors: np.ndarray, keep: np.ndarray, centre_on: np.ndarray | None = None) -> dict:
+        v = vectors[keep] - (vectors[centre_on].mean(0) if centre_on is not None else 0)
+        r = M.identity_metrics(v / np.linalg.norm(v, axis=1, keepdims=True), [ex.labels[i] for i in keep],
+                               with_pml=False)
         return {k: r[k] for k in ("rank1", "mAP", "roc_auc", "gallery_size")}
 
     def fmt(r: dict) -> str:
         return f"{r['rank1']:.3f} / {r['mAP']:.3f} / {r['roc_auc']:.3f}"
 
-    patients = sorted(set(ex.labels))
-    print(f"{model.name} {model.version} on {args.manifest}: {len(ex.labels)} examples, {len(patients)} patients "
-          f"({note}); cells Rank-1 / mAP / AUC")
     def adapted(images) -> torch.nn.Module:
         return adapt_batchnorm(model.net, images, model.views, keep_base=args.keep_base)
 
+    patients = sorted(set(ex.labels))
+    print(f"{model.name} {model.version} on {args.manifest}: {len(ex.labels)} examples, {len(patients)} patients "
+          f"({note}); cells Rank-1 / mAP / AUC")
+    everything, plain = np.arange(len(ex.labels)), embedded(model.net)
     out = {"model": f"{model.name} {model.version}", "manifest": str(args.manifest), "selection": note,
            "keep_base": args.keep_base,
-           "transductive": {"plain": score(model.net, ex), "adapted": score(adapted(ex.images), ex)},
+           "transductive": {"plain": score(plain, everything),
+                            "adapted": score(embedded(adapted(ex.images)), everything)},
            "halves": []}
     t = out["transductive"]
     print(f"transductive (gallery {t['plain']['gallery_size']}): plain {fmt(t['plain'])}  adapted {fmt(t['adapted'])}")
+    kinds = ("plain", "adapted", "plain, centred", "adapted, centred")
     for split in range(args.splits):
         order = list(np.random.default_rng(split).permutation(patients))
         for half in (set(order[::2]), set(order[1::2])):
-            adapt_on = ex.subset([i for i, p in enumerate(ex.labels) if p not in half])
-            scored = ex.subset([i for i, p in enumerate(ex.labels) if p in half])
-            row = {"split": split, "plain": score(model.net, scored),
-                   "adapted": score(adapted(adapt_on.images), scored)}
+            scored = np.array([i for i, p in enumerate(ex.labels) if p in half])
+            other = np.array([i for i, p in enumerate(ex.labels) if p not in half])
+            tuned = embedded(adapted(ex.images[np.isin(ex.owner, other)]))
+            row = {"split": split, "plain": score(plain, scored), "adapted": score(tuned, scored),
+                   "plain, centred": score(plain, scored, other), "adapted, centred": score(tuned, scored, other)}
             out["halves"].append(row)
             print(f"split {split}, {len(half)} patients (gallery {row['plain']['gallery_size']}): "
                   f"plain {fmt(row['plain'])}  adapted on the other half {fmt(row['adapted'])}", flush=True)
-    for kind in ("plain", "adapted"):
+    for kind in kinds:
         out[f"halves_mean_{kind}"] = {k: float(np.mean([h[kind][k] for h in out["halves"]]))
                                       for k in ("rank1", "mAP", "roc_auc")}
-    print(f"disjoint halves, mean of {len(out['halves'])}: plain {fmt(out['halves_mean_plain'])}  "
-          f"adapted {fmt(out['halves_mean_adapted'])}")
+    print(f"disjoint halves, mean of {len(out['halves'])}: " +
+          "  ".join(f"{kind} {fmt(out[f'halves_mean_{kind}'])}" for kind in kinds))
+    print("(centred: the embeddings minus the mean embedding of the other half's images, no label read)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
