@@ -95,7 +95,7 @@ def adapt_batchnorm(net: nn.Module, images: np.ndarray, views: str | None = None
 
 
 def adapted_card(source: dict, model_path: Path, images: int, examples: int, data_source: str,
-                 command: str, keep_base: float = 0.0) -> dict:
+                 command: str, keep_base: float = 0.0, available: int | None = None) -> dict:
     """The card of an adapted model: the source card with new version/sha256 and an `adaptation` entry."""
     from models.model_card import code_version
     card = copy.deepcopy(source)
@@ -111,7 +111,9 @@ def adapted_card(source: dict, model_path: Path, images: int, examples: int, dat
         "adaptation": {
             "method": "batch-norm statistics re-estimated on the site's images (AdaBN); no weight trained, "
                       "no label read",
-            "images": images, "examples": examples, "source": data_source, "keep_base": keep_base,
+            "images": images, "examples": examples,
+            "available_series": available if available is not None else examples,
+            "source": data_source, "keep_base": keep_base,
             "test_time_views": source.get("test_time_views") or "none",
             "base": {"version": base_version, "sha256": source.get("sha256")},
             "command": command, "date": now.isoformat(timespec="seconds")},
@@ -136,7 +138,8 @@ def require_trained(model) -> None:
                            f"card.json for it)")
 
 
-def adapt_to_folder(model, examples, out: Path, data_source: str, command: str, keep_base: float = 0.0) -> dict:
+def adapt_to_folder(model, examples, out: Path, data_source: str, command: str, keep_base: float = 0.0,
+                    available: int | None = None) -> dict:
     """Adapt `model` (models.networks.IdentityModel, loaded from the registry) to `examples`
     (models.db_data.Examples) and write out/model.pt, out/card.json; returns the card."""
     require_trained(model)
@@ -146,6 +149,6 @@ def adapt_to_folder(model, examples, out: Path, data_source: str, command: str, 
     model_path = out / "model.pt"
     torch.save({k: v.cpu() for k, v in adapted.state_dict().items()}, model_path)
     card = adapted_card(model.card, model_path, len(examples.images), len(examples.labels), data_source, command,
-                        keep_base)
+                        keep_base, available)
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card

@@ -74,35 +74,41 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if bool(args.manifest) == bool(args.from_db):
         print("dicom-node adapt: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
         return 2
-    if not 0.0 <= args.keep_base <= 1.0:
-        print("dicom-node adapt: --keep-base must lie in [0, 1]", file=sys.stderr)
+    if not 0.0 <= args.keep_base <= 1.0 or args.max_series < 2:
+        print("dicom-node adapt: --keep-base must lie in [0, 1] and --max-series be at least 2", file=sys.stderr)
         return 2
     weights = _weights_dir(args)
     try:
         model = load_identity_model(args.route, weights, torch.device("cpu"))
         require_trained(model)
         geometry = route_geometry(args.route, model.card.get("input"))
+        progress = sys.stderr.isatty()
         if args.manifest:
-            from models.db_data import load_manifest_examples
+            from models.db_data import load_manifest_examples, random_subset
             from models.evaluate import read_manifest
-            examples = load_manifest_examples(read_manifest(args.manifest), args.route, geometry,
-                                              progress=sys.stderr.isatty())
+            rows = read_manifest(args.manifest)
+            available = len(rows)
+            examples = load_manifest_examples(random_subset(rows, args.max_series), args.route, geometry, progress,
+                                              args.load_workers)
             source = manifest_source(args.manifest)
         else:
             from dicom_node.config import load_settings
             from models.db_data import load_examples
             settings = load_settings(args.config)
-            examples, _ = load_examples(args.route, settings.database_url, Path(settings.storage_dir), geometry,
-                                        settings.database.sqlite_synchronous, progress=sys.stderr.isatty())
+            examples, info = load_examples(args.route, settings.database_url, Path(settings.storage_dir), geometry,
+                                           settings.database.sqlite_synchronous, progress,
+                                           workers=args.load_workers, max_series=args.max_series)
+            available = info["available_series"]
             source = archive_source(settings.database_url, args.route)
-        card = adapt_to_folder(model, examples, args.out, source, keep_base=args.keep_base,
+        card = adapt_to_folder(model, examples, args.out, source, keep_base=args.keep_base, available=available,
                                command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     except (WeightsError, ValueError, OSError) as error:
         print(f"dicom-node adapt: {error}", file=sys.stderr)
         return 1
     a = card["adaptation"]
     print(f"wrote {args.out}/model.pt and card.json ({card['name']} {card['version']}): batch-norm statistics of "
-          f"{a['images']} images ({a['examples']} series); base {a['base']['version']}. Refit the calibration with "
+          f"{a['images']} images ({a['examples']} of {a['available_series']} series); base {a['base']['version']}. "
+          f"Refit the calibration with "
           f"`dicom-node evaluate --route {args.route} ... --update-card NAME` on labelled pairs.")
     return 0
 
@@ -231,5 +237,10 @@ def add_subcommands(subparsers) -> None:
     ad.add_argument("--keep-base", type=float, default=0.0, metavar="F",
                     help="weight in [0, 1] of the base model's statistics in the adapted ones (default 0: the "
                          "site's alone; 0.5 halves the change, for images only partly unlike the training set)")
+    ad.add_argument("--max-series", type=int, default=5000, metavar="N",
+                    help="use at most N series, drawn at random with a fixed seed (default 5000: enough for the "
+                         "statistics, and memory stays bounded on a large archive)")
+    ad.add_argument("--load-workers", type=int, default=0, metavar="N",
+                    help="load and normalize the series in N processes (default 0: this one)")
     ad.set_defaults(handler=cmd_adapt)
 

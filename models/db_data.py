@@ -86,11 +86,20 @@ def stored_series(route: str, database_url: str, sqlite_synchronous: str = "FULL
              "paths": paths.get(r[0], [])} for r in rows if paths.get(r[0])]
 
 
+def random_subset(items: list, limit: int | None, seed: int = 0) -> list:
+    """At most `limit` of `items` (all when limit is None or not smaller), drawn with a fixed seed, in order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[i] for i in keep]
+
+
 def load_examples(route: str, database_url: str, storage_dir: Path, geometry: dict | None,
                   sqlite_synchronous: str = "FULL", progress: bool = False,
-                  patients: set[str] | None = None, workers: int = 0) -> tuple[Examples, dict]:
-    """The stored series of `route` (optionally only these patient labels) as normalized uint8 examples;
-    `workers` processes load them (0: this one)."""
+                  patients: set[str] | None = None, workers: int = 0,
+                  max_series: int | None = None) -> tuple[Examples, dict]:
+    """The stored series of `route` (optionally only these patient labels; at most `max_series` of them,
+    drawn at random with a fixed seed) as normalized uint8 examples; `workers` processes load them (0: this one)."""
     from models.errors import SeriesError
     from models.loading import load_series
     from models.transforms import route_chain
@@ -98,6 +107,8 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
     series = stored_series(route, database_url, sqlite_synchronous)
     if patients is not None:
         series = [s for s in series if s["label"] in patients]
+    available = len(series)
+    series = random_subset(series, max_series)
 
     def normalized(s: dict) -> list[np.ndarray] | str:
         try:
@@ -118,7 +129,8 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
     if not labels:
         raise ValueError(f"no usable processed series of route {route} in the database")
     info = {"database": redact_url(database_url), "route": route, "series": len(labels), "images": len(images),
-            "skipped_series": skipped, "label": "issuer|Patient ID as stored (noisy labels by design)"}
+            "skipped_series": skipped, "available_series": available,
+            "label": "issuer|Patient ID as stored (noisy labels by design)"}
     return Examples(np.stack(images), np.asarray(owner), labels), info
 
 

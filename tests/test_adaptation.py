@@ -93,6 +93,7 @@ def test_adapt_cli_writes_a_loadable_model_that_evaluate_recognises(trained_weig
     assert card["version"] != base["version"] and "adabn" in card["version"]
     a = card["adaptation"]
     assert a["images"] == 18 and a["source"] == f"manifest {site.resolve()}" and a["keep_base"] == 0.0
+    assert a["available_series"] == 18
     assert a["base"]["version"] == base["version"] and a["base"]["metrics"] == base["metrics"]
     assert "metrics" not in card and card["calibration"]["fitted_on"].startswith("before adaptation")
     assert card["validation_patients"] == base["validation_patients"] and card["input"] == base["input"]
@@ -147,3 +148,22 @@ def test_the_adaptation_benchmark_scores_disjoint_halves(trained_weights, tmp_pa
         halves = [h for h in r["halves"] if h["split"] == split]
         assert sorted(h["plain"]["gallery_size"] + 1 for h in halves) == [9, 9]
     assert r["transductive"]["plain"] != r["transductive"]["adapted"]
+
+
+def test_at_most_max_series_are_read_drawn_the_same_way_each_time(trained_weights, tmp_path, capsys):
+    from models.db_data import random_subset
+    assert random_subset(list(range(10)), None) == list(range(10)) == random_subset(list(range(10)), 10)
+    drawn = random_subset(list(range(100)), 7)
+    assert len(set(drawn)) == 7 and drawn == sorted(drawn) == random_subset(list(range(100)), 7)
+
+    site = write_image_manifest(tmp_path / "site", contrast=0.4, offset=90)
+    outs = [tmp_path / name / "chest_xr" for name in ("a", "b")]
+    for out in outs:
+        assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--weights-dir", str(trained_weights),
+                     "--max-series", "5", "--out", str(out)]) == 0
+    assert "5 images (5 of 18 series)" in capsys.readouterr().out
+    cards = [json.loads((out / "card.json").read_text()) for out in outs]
+    assert cards[0]["adaptation"]["images"] == 5 and cards[0]["adaptation"]["available_series"] == 18
+    assert cards[0]["sha256"] == cards[1]["sha256"]              # the same 5 series both times
+    assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--max-series", "1",
+                 "--out", str(tmp_path / "c")]) == 2

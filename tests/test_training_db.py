@@ -193,6 +193,7 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
                  "--out", str(out)]) == 0
     card = json.loads((out / "card.json").read_text())
     assert card["adaptation"]["examples"] == 8 and card["adaptation"]["images"] == 8     # 4 persons x 2 visits
+    assert card["adaptation"]["available_series"] == 8
     assert card["adaptation"]["source"].startswith("archive sqlite:///")
     assert card["input"]["shape"] == [16, 16, 8]
     report = tmp_path / "adapted.json"
