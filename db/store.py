@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, insert, select, upda
 from sqlalchemy.exc import IntegrityError
 
 from db.engine import make_sessionmaker
-from db.models import Instance, Patient, Series, SeriesState, Study
+from db.models import Embedding, Instance, Patient, Series, SeriesState, Study
 from db.records import ExistingInstance, InstanceHeader, Received
 
 
@@ -79,6 +79,14 @@ class IdentityStore:
             }
 
     # ----- web pages (dashboard, thumbnails) ------------------------------------------
+
+    def embedding_counts(self) -> dict[tuple[str, str, str], int]:
+        """Stored embeddings per (route, model name, model version)."""
+        with self._sessions() as session:
+            rows = session.execute(select(Embedding.route, Embedding.model_name, Embedding.model_version,
+                                          func.count()).group_by(Embedding.route, Embedding.model_name,
+                                                                 Embedding.model_version)).all()
+        return {(r[0], r[1], r[2]): r[3] for r in rows}
 
     def instances_per_hour(self, since: datetime) -> dict[str, int]:
         """Instances received since `since`, per UTC hour ("YYYY-MM-DDTHH" -> count)."""

@@ -57,8 +57,21 @@ def model_cards(weights_dir: Path) -> list[dict]:
             cards.append({"route": card.parent.name, "name": "?", "version": "unreadable card.json"})
             continue
         cards.append({"route": card.parent.name, "name": data.get("name", "?"),
-                      "version": data.get("version", "?"), "date": data.get("date")})
+                      "version": data.get("version", "?"), "date": data.get("date"),
+                      "adapted_on": (data.get("adaptation") or {}).get("source")})
     return cards
+
+
+def with_embedding_counts(cards: list[dict], counts: dict[tuple[str, str, str], int]) -> list[dict]:
+    """Each card with how many stored series its model embedded and how many another model did: those are
+    compared with nothing new until `dicom-node process --until-idle --reembed` embeds them again."""
+    out = []
+    for card in cards:
+        mine = (card["route"], card["name"], card["version"])
+        out.append({**card, "embedded": counts.get(mine, 0),
+                    "embedded_by_other_models": sum(n for key, n in counts.items()
+                                                    if key[0] == card["route"] and key != mine)})
+    return out
 
 
 def dashboard(ctx: WebContext) -> dict:
@@ -81,7 +94,7 @@ def dashboard(ctx: WebContext) -> dict:
         "queue_depth": sum(by_state.get(s, 0) for s in QUEUE_STATES),
         "failed_series": by_state.get("failed", 0),
         "totals": {k: counts[k] for k in ("patients", "studies", "instances", "bytes")},
-        "models": model_cards(ctx.weights_dir),
+        "models": with_embedding_counts(model_cards(ctx.weights_dir), ctx.identity.embedding_counts()),
         "links": links,
         "open_flags": links.get("open", 0),
     }

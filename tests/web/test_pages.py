@@ -173,13 +173,32 @@ def test_security_headers_and_no_inline_script_or_style(site):
 
 
 def test_dashboard_counts_and_models(site):
+    import json
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from db.models import Embedding, Series
+    from db.store import utcnow
+    card = site["settings"].resolve(site["settings"].pipeline.weights_dir) / "chest_xr" / "card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"name": "cxr-net", "version": "2", "adaptation": {"source": "archive here"}}))
+    with Session(site["engine"]) as session:            # 3 series by the carded model, 1 by an older version
+        for k, pk in enumerate(session.scalars(select(Series.id).order_by(Series.id)).all()[:4]):
+            session.add(Embedding(series_pk=pk, route="chest_xr", model_name="cxr-net", model_version="2" if k else "1",
+                                  dim=1, vector=b"\0\0\x80?", created_at=utcnow()))
+        session.commit()
     c, _ = logged_in(site, "cleo")
     stats = c.get("/api/dashboard").json()
     assert len(stats["instances_per_hour"]) == 24 and stats["instances_24h"] == 5
     assert stats["open_flags"] == 2 and stats["links"]["confirmed"] == 1
     assert stats["series_by_state"]["receiving"] == 5 and stats["failed_series"] == 0
+    (model,) = stats["models"]
+    assert (model["route"], model["embedded"], model["embedded_by_other_models"]) == ("chest_xr", 3, 1)
+    assert model["adapted_on"] == "archive here"
     page = c.get("/").text
     assert 'id="open-flags">2<' in page and "instances received per hour" in page.lower()
+    assert "--reembed" in page and "(adapted to archive here)" in page
 
 
 def test_api_session_login_docs_and_openapi(site):
