@@ -18,7 +18,10 @@ only this experiment knows:
 * `shifts+rot:D` - `shifts` plus turns by +-D degrees in the first two spatial axes (the axial
   plane of a volume);
 * `shifts+zoom:P` - `shifts` plus zooms in and out by P percent about the centre;
-* `shifts+rotzoom:D,P` - both.
+* `shifts+rotzoom:D,P` - both;
+* `scales:F1,F2,...[@VIEWS]` - the input resampled to F times its size for each F (1: as it is;
+  2D bilinear with antialiasing as the card value `scales`, whose factors are 6/7 and 8/7;
+  volumes trilinear), each size seen through the card view set VIEWS (default none).
 
 The volume routes train with turns up to 0.08 rad (4.6 degrees) and zooms up to 6 % (RandAffine
 in models/augment.py); views of 2-3 degrees or percent stay inside that range.
@@ -80,6 +83,17 @@ def _rot_zoom_views(x, degrees: float, percent: float) -> list:
     return views
 
 
+def _sized(x, factor: float):
+    import torch.nn.functional as F
+
+    from models.networks import _rescaled
+    if factor == 1:
+        return x
+    if x.ndim == 4:
+        return _rescaled(x, factor)
+    return F.interpolate(x, size=[round(n * factor) for n in x.shape[2:]], mode="trilinear", align_corners=False)
+
+
 def register_variant(name: str) -> None:
     """Adds a variant view set named as in the module docstring to TEST_TIME_VIEWS."""
     from models.networks import TEST_TIME_VIEWS, _shifts
@@ -87,6 +101,12 @@ def register_variant(name: str) -> None:
         return
     kind, _, arg = name.partition(":")
     try:
+        if kind == "scales":                                             # arguments F1,F2,...[@VIEWS]
+            factors, _, inner = arg.partition("@")
+            sizes, inner = [float(f) for f in factors.split(",")], inner or "none"
+            register_variant(inner)
+            TEST_TIME_VIEWS[name] = lambda x: [v for f in sizes for v in TEST_TIME_VIEWS[inner](_sized(x, f))]
+            return
         if kind in ("shifts+rot", "shifts+zoom", "shifts+rotzoom"):      # arguments D, P or D,P
             vals = [float(v) for v in arg.split(",")]
             degrees = vals[0] if kind != "shifts+zoom" else 0.0
@@ -135,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.route} on {args.manifest}: Rank-1 / mAP / AUC / EER / TAR@FAR1e-3")
     for views in args.views:
         r = score(args.route, args.manifest, args.weights_dir, views)
-        print(f"{views:18s} {r['rank1']:.3f} / {r['mAP']:.3f} / {r['roc_auc']:.4f} / {r['eer']:.3f} / "
+        print(f"{views:28s} {r['rank1']:.3f} / {r['mAP']:.3f} / {r['roc_auc']:.4f} / {r['eer']:.3f} / "
               f"{r['tar_at_far_1e-3']:.3f}", flush=True)
     return 0
 

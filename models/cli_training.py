@@ -200,7 +200,8 @@ def add_subcommands(subparsers) -> None:
                             "'dihedral' = the 8 rotations by 90 degrees and flips (for routes trained with any "
                             "rotation and flip, dermoscopy); 'shifts' = the input and its moves by 2 voxels or "
                             "pixels up and down each axis (any route); 'shifts:4' the same with moves of 4; "
-                            "recorded in the card (test_time_views)")
+                            "'scales' = the 2D image and the same at 6/7 and 8/7 of its size; 'dihedral+scales' "
+                            "both; recorded in the card (test_time_views)")
     train.add_argument("--trust-labels", action="store_true",
                        help="with --hard-batches: the labels are known to be right (synthetic truth), so even the "
                             "closest look-alikes are negatives; without it, a look-alike as close as a person's own "

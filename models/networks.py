@@ -83,6 +83,25 @@ def _shifts(x: torch.Tensor, step: int = 2) -> list[torch.Tensor]:
     return [x] + [_translated(x, d, s) for d in range(2, x.ndim) for s in (step, -step)]
 
 
+def _rescaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """A batch of 2D images resampled to `factor` times their size (antialiased when shrinking)."""
+    size = [max(1, round(n * factor)) for n in x.shape[2:]]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _scales(x: torch.Tensor) -> list[torch.Tensor]:
+    # The networks pool globally, so they take any input size; the same image at 6/7 and 8/7 of its size
+    # (192 and 256 px for a 224 px radiograph) shows them the anatomy at the neighbouring scales they met
+    # while trained with random zooms, and averaging the three evens out their scale preferences.
+    if x.ndim != 4:
+        raise WeightsError("test_time_views with 'scales' resample 2D images; this input is not a batch of 2D images")
+    return [x, _rescaled(x, 6 / 7), _rescaled(x, 8 / 7)]
+
+
+def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
 # Test-time views (card "test_time_views"): a network trained to be invariant to a symmetry (dermoscopy
 # is augmented with any rotation and flip: a dermoscope has no orientation) is made exactly invariant by
 # averaging its embeddings over the symmetry group. Hand-written: MONAI's TestTimeAugmentation draws random
@@ -90,10 +109,13 @@ def _shifts(x: torch.Tensor, step: int = 2) -> list[torch.Tensor]:
 # Shifts: see _shifts; "shifts:4" moves by 4 voxels or pixels instead of 2.
 TEST_TIME_VIEWS = {
     "none": lambda x: [x],
-    "dihedral": lambda x: [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)],
+    "dihedral": _dihedral,
     "shifts": _shifts,
     # 2D images (fundus, chest X-ray) gained more from moves of 4 pixels than of 2 on the selection cohorts
     "shifts:4": lambda x: _shifts(x, 4),
+    # 2D only; see _scales. "dihedral+scales": the 8 rotations and flips of each of the three sizes
+    "scales": _scales,
+    "dihedral+scales": lambda x: [v for scaled in _scales(x) for v in _dihedral(scaled)],
 }
 
 
@@ -111,8 +133,8 @@ def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> to
     views = check_views(views)
     if views == "none":
         return net(x)
-    if views == "dihedral" and x.ndim != 4:
-        raise WeightsError("test_time_views 'dihedral' turns 2D images; this input is not a batch of 2D images")
+    if views.startswith("dihedral") and x.ndim != 4:
+        raise WeightsError(f"test_time_views {views!r} turns 2D images; this input is not a batch of 2D images")
     return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
 
 

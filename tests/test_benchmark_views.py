@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "test_time_views.py"
@@ -48,3 +49,19 @@ def test_rotzoom_variant_adds_four_views_to_the_shifts():
     from models.networks import TEST_TIME_VIEWS
     views = TEST_TIME_VIEWS.pop("shifts+rotzoom:3,3")(torch.randn(1, 1, 8, 8, 8))
     assert len(views) == 7 + 4
+
+
+def test_scales_variant_resamples_each_size_and_applies_the_inner_views():
+    module = _script()
+    from models.networks import TEST_TIME_VIEWS
+    module.register_variant("scales:0.857142857,1,1.142857143@dihedral")
+    x = torch.randn(2, 3, 28, 28)
+    views = TEST_TIME_VIEWS.pop("scales:0.857142857,1,1.142857143@dihedral")(x)
+    assert len(views) == 24 and [tuple(v.shape[-2:]) for v in views[::8]] == [(24, 24), (28, 28), (32, 32)]
+    assert torch.equal(views[8], x)
+    # the card value "dihedral+scales" is the same set in another order
+    card = TEST_TIME_VIEWS["dihedral+scales"](x)
+    assert sorted(v.sum().item() for v in card) == pytest.approx(sorted(v.sum().item() for v in views), abs=1e-3)
+    module.register_variant("scales:0.5,1")
+    volumes = TEST_TIME_VIEWS.pop("scales:0.5,1")(torch.randn(1, 1, 8, 10, 6))
+    assert [tuple(v.shape[2:]) for v in volumes] == [(4, 5, 3), (8, 10, 6)]

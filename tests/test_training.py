@@ -303,8 +303,35 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path):
     assert training["epochs_run"] == 1 and training["stop"] == "time limit 0.001 min"
 
 
-def test_dihedral_views_refuse_volumes():
+@pytest.mark.parametrize("views", ["dihedral", "scales", "dihedral+scales"])
+def test_2d_views_refuse_volumes(views):
     from models.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, embed_views, seeded
     net = seeded(lambda: EmbeddingNet(DEFAULT_SPECS["chest_ct"]), 0).eval()
     with pytest.raises(WeightsError, match="2D"):
-        embed_views(net, torch.rand(1, 1, 16, 16, 8), "dihedral")
+        embed_views(net, torch.rand(1, 1, 16, 16, 8), views)
+
+
+def test_scale_views_are_the_image_at_three_sizes_and_average_the_embedding(tmp_path):
+    from models.networks import TEST_TIME_VIEWS
+    x = torch.zeros(2, 3, 28, 28)
+    x[:, :, 7:21, 7:21] = 1.0                            # a centred square, half the image wide
+    same, smaller, larger = TEST_TIME_VIEWS["scales"](x)
+    assert torch.equal(same, x) and smaller.shape[-2:] == (24, 24) and larger.shape[-2:] == (32, 32)
+    for view in (smaller, larger):                       # the whole field of view, resampled: still half as wide
+        side = view.shape[-1]
+        assert (view[0, 0, side // 2] > 0.5).sum().item() == side // 2
+    both = TEST_TIME_VIEWS["dihedral+scales"](x)
+    assert len(both) == 24 and {tuple(v.shape[-2:]) for v in both} == {(28, 28), (24, 24), (32, 32)}
+
+    image = torch.rand(2, 3, 48, 48)
+    plain = load_identity_model("dermoscopy", _dermoscopy_weights(tmp_path / "a", {}), torch.device("cpu"))
+    scaled = load_identity_model("dermoscopy", _dermoscopy_weights(tmp_path / "b", {"test_time_views": "scales"}),
+                                 torch.device("cpu"))
+    by_hand = np.mean([plain.embed(v) for v in TEST_TIME_VIEWS["scales"](image)], axis=0)
+    by_hand /= np.linalg.norm(by_hand, axis=1, keepdims=True)
+    assert np.allclose(scaled.embed(image), by_hand, atol=1e-5)
+    assert not np.allclose(scaled.embed(image), plain.embed(image), atol=1e-3)
+    turning = load_identity_model("dermoscopy", _dermoscopy_weights(tmp_path / "c", {"test_time_views":
+                                                                                      "dihedral+scales"}),
+                                  torch.device("cpu"))
+    assert np.allclose(turning.embed(image), turning.embed(torch.rot90(image, 1, dims=(-2, -1))), atol=1e-5)
