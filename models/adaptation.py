@@ -20,7 +20,8 @@ card with a new version and sha256 and an `adaptation` entry (method, images, so
 model). Its calibration is the source model's, marked as fitted before adaptation: refit it on
 labelled pairs with `dicom-node evaluate --update-card` before relying on link probabilities.
 After copying the folder into the registry, stored series keep their old embeddings until
-re-processed; new series are compared only with embeddings of the same model version.
+re-processed (`dicom-node process --until-idle --reembed`); series are compared only with
+embeddings of the same model version.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def adapted_card(source: dict, model_path: Path, images: int, examples: int, dat
     now = dt.datetime.now(dt.UTC)
     base_version = str(source.get("version") or "unversioned")
     card.update({
-        "version": f"{now:%Y%m%d}-adabn-{digest[:8]}",
+        # like the shipped cards' versions, it names the test-time views (they change the embedding too)
+        "version": f"{now:%Y%m%d}-adabn-{digest[:8]}" + (f"+{source['test_time_views']}"
+                                                         if source.get("test_time_views") else ""),
         "sha256": digest,
         "size_bytes": model_path.stat().st_size,
         "date": now.isoformat(timespec="seconds"),

@@ -90,7 +90,7 @@ def test_adapt_cli_writes_a_loadable_model_that_evaluate_recognises(trained_weig
     base = json.loads((trained_weights / "chest_xr" / "card.json").read_text())
     card = json.loads((out / "card.json").read_text())
     assert card["sha256"] == sha256_file(out / "model.pt") != base["sha256"]
-    assert card["version"] != base["version"] and "adabn" in card["version"]
+    assert card["version"] != base["version"] and "adabn" in card["version"] and "+" not in card["version"]
     a = card["adaptation"]
     assert a["images"] == 18 and a["source"] == f"manifest {site.resolve()}" and a["keep_base"] == 0.0
     assert a["available_series"] == 18
@@ -167,3 +167,20 @@ def test_at_most_max_series_are_read_drawn_the_same_way_each_time(trained_weight
     assert cards[0]["sha256"] == cards[1]["sha256"]              # the same 5 series both times
     assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--max-series", "1",
                  "--out", str(tmp_path / "c")]) == 2
+
+
+def test_adapted_card_keeps_the_views_in_its_version_and_moves_the_base_metrics(tmp_path):
+    from models.adaptation import adapted_card
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"adapted weights")
+    base = {"name": "n", "version": "20261130-x+scales", "sha256": "0" * 64, "test_time_views": "scales",
+            "metrics": {"heldout": {"a": {"rank1": 0.5}}}, "limitations": "base caveats",
+            "calibration": {"a": 20.0, "b": -9.0, "fitted_on": "held-out pairs: a"}}
+    card = adapted_card(base, weights, images=40, examples=20, data_source="manifest /x.csv", command="cmd",
+                        keep_base=0.5, available=100)
+    assert card["version"].endswith("-adabn-" + card["sha256"][:8] + "+scales")
+    assert card["adaptation"]["base"] == {"version": "20261130-x+scales", "sha256": "0" * 64,
+                                          "metrics": base["metrics"]}
+    assert card["adaptation"]["keep_base"] == 0.5 and card["adaptation"]["available_series"] == 100
+    assert card["calibration"]["fitted_on"] == "before adaptation, of 20261130-x+scales: held-out pairs: a"
+    assert card["limitations"].endswith("base caveats") and base["calibration"]["fitted_on"] == "held-out pairs: a"

@@ -195,7 +195,7 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
     assert card["adaptation"]["examples"] == 8 and card["adaptation"]["images"] == 8     # 4 persons x 2 visits
     assert card["adaptation"]["available_series"] == 8
     assert card["adaptation"]["source"].startswith("archive sqlite:///")
-    assert card["input"]["shape"] == [16, 16, 8]
+    assert card["input"]["shape"] == [16, 16, 8] and "+" not in card["version"]      # a card without views
     report = tmp_path / "adapted.json"
     assert main(["--config", str(config), "evaluate", "--route", "chest_ct", "--from-db", "--weights-dir",
                  str(out.parent), "--json", str(report)]) == 0
@@ -210,7 +210,10 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
     _, root = archive
     copy = tmp_path / "copy"
     shutil.copytree(root / "storage", copy / "storage")
-    shutil.copy(root / "node.db", copy / "node.db")
+    import sqlite3
+    from contextlib import closing
+    with closing(sqlite3.connect(root / "node.db")) as source, closing(sqlite3.connect(copy / "node.db")) as target:
+        source.backup(target)                           # the backup API: commits still in the WAL come too
     moved = write_toml(copy / "node.toml", node_config(copy, pipeline={"enabled": True, "weights_dir": str(weights),
                                                                        "torch_threads": 1},
                                                        linkage={"enabled": False}))
