@@ -100,9 +100,10 @@ class WorkQueue:
             ).rowcount
 
     def requeue_other_models(self, current: dict[str, tuple[str, str]]) -> dict[str, int]:
-        """Put back in the queue every done series whose embedding another model made than `current`
-        (route -> (model name, version)): after a model change, only a route's series embedded by one
-        model are compared, so the archive's earlier series must be embedded again. Counts per route."""
+        """Put back in the queue every done series whose embedding was made by another model than the
+        route's current one (`current`: route -> (model name, version)). Series are compared only with
+        embeddings of the same model, so after a model change the archive's earlier series must be
+        embedded again. Counts per route."""
         now, counts = utcnow(), {}
         with self._sessions.begin() as session:
             for route, (name, version) in sorted(current.items()):

@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="treat every series still receiving as stable at once (batch use, tests)")
     process.add_argument("--retry-failed", action="store_true", help="re-queue failed series first")
     process.add_argument("--reembed", action="store_true",
-                         help="re-queue first every processed series whose embedding another model made than the "
-                              "route's current one (after a model change: train, adapt, an update)")
+                         help="re-queue first every processed series whose embedding was made by another model "
+                              "than the route's current one (after a model change: train, adapt, an update)")
     process.set_defaults(handler=cmd_process)
 
     db = commands.add_parser("db", help="database maintenance")

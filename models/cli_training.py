@@ -78,6 +78,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         print("dicom-node adapt: --keep-base must lie in [0, 1] and --max-series be at least 2", file=sys.stderr)
         return 2
     weights = _weights_dir(args)
+    if args.out.resolve() == (Path(weights) / args.route).resolve():
+        print(f"dicom-node adapt: --out is the folder of the model being adapted ({args.out}); write the adapted "
+              f"model elsewhere, compare the two with evaluate, then copy it over", file=sys.stderr)
+        return 2
     try:
         model = load_identity_model(args.route, weights, torch.device("cpu"))
         require_trained(model)

@@ -183,10 +183,10 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
     and the pixel-cosine baseline is scored too. When the model was trained on this database
     (card training_data.database), only the card's validation patients are scored.
     """
+    from models.adaptation import adaptation_note, archive_source
     from models.db_data import embed_examples, load_examples, pixel_embeddings, redact_url
     from models.networks import load_identity_model
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
-    from models.adaptation import adaptation_note, archive_source
     keep, selection = None, "all patients of the archive"
     trained_on = (model.card.get("training_data") or {}).get("database")
     if trained_on and not all_patients and trained_on == redact_url(database_url):

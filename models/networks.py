@@ -111,7 +111,8 @@ TEST_TIME_VIEWS = {
     "none": lambda x: [x],
     "dihedral": _dihedral,
     "shifts": _shifts,
-    # 2D images (fundus, chest X-ray) gained more from moves of 4 pixels than of 2 on the selection cohorts
+    # fundus (and chest X-ray in the sixth session) gained more from moves of 4 pixels than of 2 on the
+    # selection cohorts
     "shifts:4": lambda x: _shifts(x, 4),
     # 2D only; see _scales. "dihedral+scales": the 8 rotations and flips of each of the three sizes
     "scales": _scales,

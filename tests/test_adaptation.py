@@ -127,6 +127,11 @@ def test_adapt_cli_refuses_untrained_routes_and_missing_sources(tmp_path, capsys
     assert main(["adapt", "--route", "chest_xr", "--weights-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--keep-base", "1.5",
                  "--out", str(tmp_path / "o")]) == 2
+    registry = tmp_path / "registry"
+    (registry / "chest_xr").mkdir(parents=True)
+    assert main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--weights-dir", str(registry),
+                 "--out", str(registry / "chest_xr")]) == 2
+    assert "the folder of the model being adapted" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--from-db", "--out", str(tmp_path / "o")])
 
