@@ -151,6 +151,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_data_and_weights(parser, manifest_help: str, db_help: str) -> None:
+    """--route, one of --manifest / --from-db, and --weights-dir: the arguments evaluate and adapt share."""
+    parser.add_argument("--route", required=True)
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--manifest", type=Path, help=manifest_help)
+    src.add_argument("--from-db", action="store_true", help=db_help)
+    parser.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
+
+
 def add_subcommands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train an identity model (metric learning) or the router")
     train.add_argument("--route", help="route whose identity model to train (chest_xr, chest_ct, brain_mr, fundus, "
@@ -214,11 +223,8 @@ def add_subcommands(subparsers) -> None:
     train.set_defaults(handler=cmd_train)
 
     ev = subparsers.add_parser("evaluate", help="retrieval/verification metrics of an identity model")
-    ev.add_argument("--route", required=True)
-    src = ev.add_mutually_exclusive_group()
-    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (the format of ../shared/data)")
-    src.add_argument("--from-db", action="store_true", help="the embeddings stored in the database")
-    ev.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
+    _route_data_and_weights(ev, "CSV with image, patient_id (the format of ../shared/data)",
+                            "the embeddings stored in the database")
     ev.add_argument("--out", type=Path, default=None, help="report folder: metrics.json, roc.png, cmc.png, scores.png")
     ev.add_argument("--json", type=Path, default=None, help="also write the metrics JSON here")
     ev.add_argument("--all-patients", action="store_true",
@@ -233,11 +239,8 @@ def add_subcommands(subparsers) -> None:
 
     ad = subparsers.add_parser("adapt", help="adapt an identity model's batch-norm statistics to the site's "
                                              "images (no labels)")
-    ad.add_argument("--route", required=True)
-    src = ad.add_mutually_exclusive_group()
-    src.add_argument("--manifest", type=Path, help="CSV with image, patient_id (patient_id is not used)")
-    src.add_argument("--from-db", action="store_true", help="the archive's processed series of the route")
-    ad.add_argument("--weights-dir", type=Path, default=None, help="registry folder (default pipeline.weights_dir)")
+    _route_data_and_weights(ad, "CSV with image, patient_id (patient_id is not used)",
+                            "the archive's processed series of the route")
     ad.add_argument("--out", type=Path, required=True, help="output folder (model.pt, card.json)")
     ad.add_argument("--keep-base", type=float, default=0.0, metavar="F",
                     help="weight in [0, 1] of the base model's statistics in the adapted ones (default 0: the "
