@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.networks import TEST_TIME_VIEWS, check_views, sha256_file
+from models.networks import TEST_TIME_VIEWS, card_version, check_views, sha256_file
 
 
 def manifest_source(manifest: Path) -> str:
@@ -104,9 +104,7 @@ def adapted_card(source: dict, model_path: Path, images: int, examples: int, dat
     now = dt.datetime.now(dt.UTC)
     base_version = str(source.get("version") or "unversioned")
     card.update({
-        # like the shipped cards' versions, it names the test-time views (they change the embedding too)
-        "version": f"{now:%Y%m%d}-adabn-{digest[:8]}" + (f"+{source['test_time_views']}"
-                                                         if source.get("test_time_views") else ""),
+        "version": card_version(f"{now:%Y%m%d}-adabn-{digest[:8]}", source.get("test_time_views")),
         "sha256": digest,
         "size_bytes": model_path.stat().st_size,
         "date": now.isoformat(timespec="seconds"),

@@ -12,7 +12,7 @@ import torch
 
 from models import metrics as M
 from models.augment import describe
-from models.networks import sha256_file, spec_dict
+from models.networks import card_version, sha256_file, spec_dict
 
 
 def code_version() -> str:
@@ -44,7 +44,7 @@ def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict,
     now = dt.datetime.now(dt.UTC)
     return {
         "name": spec.name(cfg.route),
-        "version": f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}",
+        "version": card_version(f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}", cfg.test_time_views),
         "route": cfg.route,
         "arch": spec_dict(spec),
         "input": {**geometry, "transform": f"models.transforms.route_chain({cfg.route!r}, input)"},

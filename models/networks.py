@@ -129,6 +129,12 @@ def check_views(views: str | None, where: str = "") -> str:
     return views
 
 
+def card_version(stem: str, views: str | None) -> str:
+    """A card's version: `stem` plus "+<views>" when the card has test-time views. The views change every
+    embedding, and stored embeddings are compared only within one model version (tests/test_registry.py)."""
+    return stem + (f"+{views}" if views and views != "none" else "")
+
+
 def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> torch.Tensor:
     """net(x), or the L2-normalized mean of net over the named test-time views of x (TEST_TIME_VIEWS)."""
     views = check_views(views)
