@@ -99,6 +99,8 @@ def _scales(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    if x.ndim != 4:
+        raise WeightsError("test_time_views with 'dihedral' turn 2D images; this input is not a batch of 2D images")
     return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
 
 
@@ -140,8 +142,6 @@ def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> to
     views = check_views(views)
     if views == "none":
         return net(x)
-    if views.startswith("dihedral") and x.ndim != 4:
-        raise WeightsError(f"test_time_views {views!r} turns 2D images; this input is not a batch of 2D images")
     return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
 
 
