@@ -1,6 +1,6 @@
 """Time from a series' last instance to its link decision, inside a running node.
 
-    .venv/bin/python benchmarks/linkage.py [--cohort DIR] [--stable-after 2] [--weights-dir DIR] [--json OUT]
+    .venv/bin/python benchmarks/linkage.py [--cohort DIR] [--stable-after 2] [--weights-dir DIR] [--workers N] [--json OUT]
 
 Makes (or reuses) the default synthetic cohort (seed 0), starts `dicom-node serve` with the
 pipeline and linkage on and the shipped models, sends the cohort with DCMTK storescu, and
@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stable-after", type=float, default=2.0)
     parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights",
                         help="the models (default the shipped ones; another folder for an A/B run)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pipeline workers inside the node (pipeline.workers; default 1, as node.toml)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
                        check=True)
     truth = json.loads((cohort / "truth.json").read_text())
     config = node_config(work, series={"stable_after_s": args.stable_after, "check_interval_s": 0.2},
-                         pipeline={"enabled": True, "device": "cpu", "weights_dir": str(args.weights_dir.resolve())})
+                         pipeline={"enabled": True, "device": "cpu", "workers": args.workers,
+                                   "weights_dir": str(args.weights_dir.resolve())})
     node = RunningNode(write_toml(work / "node.toml", config), config).start()
     try:
         started = time.monotonic()
