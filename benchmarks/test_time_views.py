@@ -84,14 +84,8 @@ def _rot_zoom_views(x, degrees: float, percent: float) -> list:
 
 
 def _sized(x, factor: float):
-    import torch.nn.functional as F
-
     from models.networks import _rescaled
-    if factor == 1:
-        return x
-    if x.ndim == 4:
-        return _rescaled(x, factor)
-    return F.interpolate(x, size=[round(n * factor) for n in x.shape[2:]], mode="trilinear", align_corners=False)
+    return x if factor == 1 else _rescaled(x, factor)
 
 
 def register_variant(name: str) -> None:

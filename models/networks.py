@@ -84,9 +84,12 @@ def _shifts(x: torch.Tensor, step: int = 2) -> list[torch.Tensor]:
 
 
 def _rescaled(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """A batch of 2D images resampled to `factor` times their size (antialiased when shrinking)."""
+    """A batch of 2D images (bilinear, antialiased when shrinking) or volumes (trilinear: torch has no
+    antialiased 3D mode) resampled to `factor` times their size."""
     size = [max(1, round(n * factor)) for n in x.shape[2:]]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if x.ndim == 4:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
 def _scales(x: torch.Tensor) -> list[torch.Tensor]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +212,6 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
     _, root = archive
     copy = tmp_path / "copy"
     shutil.copytree(root / "storage", copy / "storage")
-    import sqlite3
-    from contextlib import closing
     with closing(sqlite3.connect(root / "node.db")) as source, closing(sqlite3.connect(copy / "node.db")) as target:
         source.backup(target)                           # the backup API: commits still in the WAL come too
     moved = write_toml(copy / "node.toml", node_config(copy, pipeline={"enabled": True, "weights_dir": str(weights),
