@@ -369,7 +369,8 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
             stop_reason = f"early stop: no better validation mAP for {cfg.patience} epochs"
             break
         # stop before an epoch that would end past the limit (one CT epoch on a slow CPU is ~10 min)
-        if cfg.max_minutes and time.time() - started + record["seconds"] > cfg.max_minutes * 60:
+        if (epoch < cfg.epochs and cfg.max_minutes
+                and time.time() - started + record["seconds"] > cfg.max_minutes * 60):
             stop_reason = f"time limit {cfg.max_minutes} min"
             break
     return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason)

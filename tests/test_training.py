@@ -303,6 +303,14 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path):
     assert training["epochs_run"] == 1 and training["stop"] == "time limit 0.001 min"
 
 
+def test_a_run_that_finishes_its_epochs_says_so_even_past_its_budget(tmp_path):
+    out = tmp_path / "done"
+    # the only epoch outlasts the budget, but no further epoch was cut: the stop is "epochs"
+    assert main(TRAIN + ["--epochs", "1", "--max-minutes", "0.001", "--out", str(out)]) == 0
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["epochs_run"] == 1 and training["stop"] == "epochs"
+
+
 @pytest.mark.parametrize("views", ["dihedral", "scales", "dihedral+scales"])
 def test_2d_views_refuse_volumes(views):
     from models.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, embed_views, seeded

@@ -1,0 +1,76 @@
+"""Export a training run's last epoch (checkpoint.pt) as a weights folder, with an honest card.
+
+`dicom-node train` writes the best-validation epoch as model.pt. When the validation persons
+are saturated, the selection cohorts may prefer the last epoch instead; this writes it as
+OUT/<route>/model.pt next to the run's card, with sha256 / size_bytes of the new file and
+metrics.validation re-scored by `dicom-node evaluate` on the run's own validation patients
+(so the card never shows another epoch's numbers). The calibration stays the run's until
+`evaluate --update-card` refits it.
+
+    .venv/bin/python benchmarks/last_epoch.py /tmp/train/runs/brain_mr8 /tmp/wmr8last --note "chosen on seed 302"
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def validation_manifest(card: dict, path: Path) -> int:
+    """The run's validation patients' rows of its training manifests, as one manifest."""
+    keep = set(card["validation_patients"])
+    rows, header = [], None
+    for manifest in card["training_data"]["manifests"]:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = header or reader.fieldnames
+            rows += [r for r in reader if r["patient_id"] in keep]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, header)
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="training output folder (checkpoint.pt, card.json)")
+    p.add_argument("out", type=Path, help="weights folder to write (OUT/<route>/model.pt, card.json)")
+    p.add_argument("--note", default="", help="why the last epoch was chosen (recorded in the card)")
+    args = p.parse_args(argv)
+
+    card = json.loads((args.run / "card.json").read_text(encoding="utf-8"))
+    ckpt = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    folder = args.out / card["route"]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt["net"], folder / "model.pt")
+    data = (folder / "model.pt").read_bytes()
+    card["sha256"], card["size_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    epoch = ckpt["state"]["epoch"]
+    card["training"]["model_epoch"] = epoch
+    card["training"]["model_epoch_note"] = (f"the last epoch ({epoch}) instead of the best validation epoch "
+                                            f"({card['training']['best_epoch']}); {args.note}".rstrip("; "))
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest, report = Path(tmp) / "validation.csv", Path(tmp) / "validation.json"
+        n = validation_manifest(card, manifest)
+        subprocess.run([sys.executable, "-m", "dicom_node", "evaluate", "--route", card["route"], "--manifest",
+                        str(manifest), "--weights-dir", str(args.out), "--json", str(report)], check=True)
+        scored = json.loads(report.read_text(encoding="utf-8"))["results"]["model"]
+    validation = card["metrics"]["validation"]
+    card["metrics"]["validation"] = {k: scored[k] for k in validation}
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    print(f"{folder}: epoch {epoch}, validation ({n} examples) mAP {scored['mAP']:.4f}, Rank-1 {scored['rank1']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
