@@ -31,7 +31,10 @@ def validation_manifest(card: dict, path: Path) -> int:
         with open(manifest, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             header = header or reader.fieldnames
-            rows += [r for r in reader if r["patient_id"] in keep]
+            for row in reader:
+                if row["patient_id"] in keep:     # image paths are relative to their manifest
+                    row["image"] = str(Path(manifest).parent / row["image"])
+                    rows.append(row)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, header)
         writer.writeheader()
