@@ -239,3 +239,14 @@ def write_image_manifest(folder, patients=6, per=3, contrast=1.0, offset=0):
         writer.writeheader()
         writer.writerows(rows)
     return folder / "manifest.csv"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

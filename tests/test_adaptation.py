@@ -12,7 +12,7 @@ import torch
 from dicom_node.cli import main
 from models.adaptation import adapt_batchnorm, batchnorm_layers
 from models.networks import EmbeddingNet, NetSpec, WeightsError, load_identity_model, seeded, sha256_file
-from tests.helpers import write_image_manifest
+from tests.helpers import load_benchmark, write_image_manifest
 
 SPEC = NetSpec(2, 1, widths=(8, 8, 16, 16), dim=16)
 
@@ -137,12 +137,7 @@ def test_adapt_cli_refuses_untrained_routes_and_missing_sources(tmp_path, capsys
 
 
 def test_the_adaptation_benchmark_scores_disjoint_halves(trained_weights, tmp_path):
-    import importlib.util
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptation.py"
-    spec = importlib.util.spec_from_file_location("adaptation_benchmark", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("adaptation")
     site = write_image_manifest(tmp_path / "site", patients=6, per=3, contrast=0.5, offset=60)
     out = tmp_path / "a.json"
     assert module.main(["--route", "chest_xr", "--manifest", str(site), "--weights-dir", str(trained_weights),

@@ -1,23 +1,12 @@
 """benchmarks/last_epoch.py: a run's last epoch as a weights folder whose card describes that epoch."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from dicom_node.cli import main
 from models.networks import load_identity_model, sha256_file
-from tests.helpers import write_image_manifest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "last_epoch.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("last_epoch_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark, write_image_manifest
 
 
 def test_last_epoch_export_carries_that_epochs_weights_hash_and_validation(tmp_path):
@@ -27,7 +16,7 @@ def test_last_epoch_export_carries_that_epochs_weights_hash_and_validation(tmp_p
                  "--threads", "1", "--epochs", "3", "--patience", "3", "--val-fraction", "0.4", "--out", str(run)]) == 0
     run_card = json.loads((run / "card.json").read_text())
     out = tmp_path / "weights"
-    assert _script().main([str(run), str(out), "--note", "chosen on a selection cohort"]) == 0
+    assert load_benchmark("last_epoch").main([str(run), str(out), "--note", "chosen on a selection cohort"]) == 0
 
     card = json.loads((out / "chest_xr" / "card.json").read_text())
     last = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)

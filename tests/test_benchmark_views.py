@@ -1,22 +1,11 @@
 """The turn and zoom views of benchmarks/test_time_views.py (docs/accuracy.md quotes their scores)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "test_time_views.py"
+from tests.helpers import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("test_time_views_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_SCRIPT = _load_script()
+_SCRIPT = load_benchmark("test_time_views")
 
 
 def _script():
