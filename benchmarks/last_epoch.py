@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     card = json.loads((args.run / "card.json").read_text(encoding="utf-8"))
+    if not card["training_data"].get("manifests"):
+        # the validation patients are re-scored from the run's manifests; a --from-db or
+        # --synthetic run has none, so its last epoch cannot get an honest card here
+        print(f"last_epoch: {args.run} was not trained from manifests; nothing written", file=sys.stderr)
+        return 2
     ckpt = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=False)
     folder = args.out / card["route"]
     folder.mkdir(parents=True, exist_ok=True)

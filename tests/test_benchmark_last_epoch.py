@@ -28,3 +28,12 @@ def test_last_epoch_export_carries_that_epochs_weights_hash_and_validation(tmp_p
     assert abs(card["metrics"]["validation"]["mAP"] - run_card["training"]["history"][-1]["val_mAP"]) < 1e-6
     assert card["metrics"]["validation"]["patients"] == run_card["metrics"]["validation"]["patients"]
     load_identity_model("chest_xr", out, torch.device("cpu"))       # the registry accepts it
+
+
+def test_a_run_without_manifests_is_refused_and_nothing_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--route", "chest_xr", "--synthetic", "8", "--size", "48", "--batch-size", "12",
+                 "--threads", "1", "--epochs", "1", "--val-fraction", "0.4", "--out", str(run)]) == 0
+    out = tmp_path / "weights"
+    assert load_benchmark("last_epoch").main([str(run), str(out)]) == 2
+    assert "not trained from manifests" in capsys.readouterr().err and not out.exists()
