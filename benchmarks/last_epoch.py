@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import subprocess
 import sys
@@ -22,23 +21,19 @@ from pathlib import Path
 
 import torch
 
+from models.networks import sha256_file
+
 
 def validation_manifest(card: dict, path: Path) -> int:
-    """The run's validation patients' rows of its training manifests, as one manifest."""
+    """The run's validation patients' rows of its training manifests, as one manifest (absolute paths)."""
+    from models.evaluate import read_manifest            # resolves paths, skips duplicate rows
     keep = set(card["validation_patients"])
-    rows, header = [], None
-    for manifest in card["training_data"]["manifests"]:
-        with open(manifest, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = header or reader.fieldnames
-            for row in reader:
-                if row["patient_id"] in keep:     # image paths are relative to their manifest
-                    row["image"] = str(Path(manifest).parent / row["image"])
-                    rows.append(row)
+    rows = [(image, patient) for manifest in card["training_data"]["manifests"]
+            for image, patient in read_manifest(Path(manifest)) if patient in keep]
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, header)
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow(["image", "patient_id"])
+        writer.writerows((str(image.resolve()), patient) for image, patient in rows)
     return len(rows)
 
 
@@ -59,12 +54,12 @@ def main(argv=None) -> int:
     folder = args.out / card["route"]
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt["net"], folder / "model.pt")
-    data = (folder / "model.pt").read_bytes()
-    card["sha256"], card["size_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    card["sha256"], card["size_bytes"] = sha256_file(folder / "model.pt"), (folder / "model.pt").stat().st_size
     epoch = ckpt["state"]["epoch"]
     card["training"]["model_epoch"] = epoch
     card["training"]["model_epoch_note"] = (f"the last epoch ({epoch}) instead of the best validation epoch "
                                             f"({card['training']['best_epoch']}); {args.note}".rstrip("; "))
+    # written now, because evaluate checks the card's sha256 against model.pt; rewritten below
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
     with tempfile.TemporaryDirectory() as tmp:
