@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.evaluate import manifest_embeddings  # noqa: E402
+
+
+def family(persons: dict[str, dict], p: dict) -> str:
+    """The person_id at the root of p's family (siblings of siblings share it, synth.persons.person_draw)."""
+    while p["sibling_of"]:
+        p = persons[p["sibling_of"]]
+    return p["person_id"]
+
+
+def anatomy_distance(a: dict, b: dict) -> float:
+    """How far apart the generator drew two relatives' anatomy: the RMS difference of their standard normals.
+
+    A sibling's normals are sqrt(1 - w^2) * family root + w * own (w, the sibling weight, 0.25-0.45;
+    the root has w = 0; synth.common.Draw), so two members differ by sqrt((s_a - s_b)^2 + w_a^2 + w_b^2)
+    with s = sqrt(1 - w^2); two unrelated persons by sqrt(2).
+    """
+    wa, wb = (p["sibling_weight"] if p["sibling_of"] else 0.0 for p in (a, b))
+    sa, sb = math.sqrt(1 - wa * wa), math.sqrt(1 - wb * wb)
+    return math.sqrt((sa - sb) ** 2 + wa * wa + wb * wb)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,13 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     def person(label: str) -> dict:
         return persons[label.split("-", 1)[1]]
 
-    def siblings(a: dict, b: dict) -> bool:
-        return bool(a["sibling_of"] == b["person_id"] or b["sibling_of"] == a["person_id"]
-                    or (a["sibling_of"] and a["sibling_of"] == b["sibling_of"]))
-
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     queries = misses = to_sibling = 0
+    missed_pairs: set[frozenset] = set()
     for i, label in enumerate(labels):
         if (labels == label).sum() < 2:
             continue
@@ -55,10 +72,30 @@ def main(argv: list[str] | None = None) -> int:
         if labels[j] != label:
             misses += 1
             a, b = person(label), person(labels[j])
-            sib = siblings(a, b)
+            sib = family(persons, a) == family(persons, b)
             to_sibling += sib
-            print(f"miss {label} -> {labels[j]}  sibling {sib}  twins {a['twin'] or b['twin']}  cosine {sims[i, j]:.3f}")
+            distance = f"  anatomy distance {anatomy_distance(a, b):.3f}" if sib else ""
+            print(f"miss {label} -> {labels[j]}  sibling {sib}  twins {a['twin'] or b['twin']}  cosine {sims[i, j]:.3f}"
+                  f"{distance}")
+            missed_pairs.add(frozenset((a["person_id"], b["person_id"])))
     with_sibling = sum(1 for p in persons.values() if p["sibling_of"])
+    # are the misses the cohort's closest relatives? every pair within a family, closest first
+    members: dict[str, list[dict]] = {}
+    for p in persons.values():
+        members.setdefault(family(persons, p), []).append(p)
+    pairs = sorted((anatomy_distance(a, b), frozenset((a["person_id"], b["person_id"])))
+                   for group in members.values() for k, a in enumerate(group) for b in group[k + 1:])
+    ranks = [k + 1 for k, (_, pair) in enumerate(pairs) if pair in missed_pairs]
+    print(f"{len(pairs)} pairs of relatives; the closest: " + ", ".join(f"{d:.3f}" for d, _ in pairs[:8])
+          + f"; the pairs with a Rank-1 miss between them rank {ranks} by closeness")
+    # the body and head generators scale with sex, so a same-sex pair differs only in the finer features
+
+    def same_sex(pair: frozenset) -> bool:
+        return len({persons[q]["sex"] for q in pair}) == 1
+
+    missed_relatives = [pair for _, pair in pairs if pair in missed_pairs]
+    print(f"same sex: {sum(map(same_sex, missed_relatives))} of the {len(missed_relatives)} missed pairs of "
+          f"relatives, {sum(same_sex(pair) for _, pair in pairs)} of all {len(pairs)}")
     print(f"{args.route} ({model.version}): {queries} queries, {misses} Rank-1 misses, {to_sibling} of them to a sibling; "
           f"{with_sibling} of {len(persons)} persons are a sibling of another")
     return 0

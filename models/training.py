@@ -13,17 +13,15 @@
   Patient-disjoint split: a fraction of the patients with >= 2 examples is validation,
   everything else trains (a patient with a single example still trains: the M-per-class
   sampler repeats it, so its augmented copies are the positives);
-* pytorch-metric-learning: MPerClassSampler (m examples per patient per batch), loss
-  `subcenter-arcface` (default; 3 sub-centres per patient, so a few wrong Patient IDs fall in a
-  non-dominant sub-centre instead of pulling the patient's centre), `cosface` (additive cosine
-  margin; starts learning sooner from scratch), `multisimilarity` (pair-based) or `triplet` (cosine margin,
-  semi-hard triplets from TripletMarginMiner: hardest triplets are mostly label noise);
-  MultiSimilarityMiner weights the examples of the ArcFace loss;
+* pytorch-metric-learning: MPerClassSampler (m examples per patient per batch) or hard
+  batches of look-alike persons (models.hard_batches), and a loss with its miner
+  (models.losses: sub-centre ArcFace by default, CosFace, multi-similarity or triplet);
 * MONAI random augmentations per route (models.augment);
 * validation mAP after each epoch, early stopping (`--patience`), `checkpoint.pt` each epoch
   (`--resume` continues it), tqdm progress when stderr is a terminal;
 * `--init FOLDER` fine-tunes a model already trained (e.g. the shipped default, on the site's own
-  archive): its card's architecture is used and its weights are the starting point; only a local
+  archive): its card's architecture is used and its weights are the starting point (a proxy
+  loss, ArcFace or CosFace, starts its proxies at each person's mean embedding); only a local
   folder is read, nothing is downloaded;
 * output: model.pt (best epoch) + card.json (arch, input geometry, metrics, calibration fitted on
   the validation pairs, sha256, code version, data, command), loadable by load_identity_model;
@@ -48,6 +46,7 @@ from models.augment import augmentations
 from models.calibration import fit_calibration
 from models.db_data import Examples, as_float, embed_examples, load_examples, load_manifest_examples, pool
 from models.evaluate import read_manifest
+from models.losses import init_proxies, loss_and_miner
 from models.model_card import training_card
 from models.networks import DEFAULT_SPECS, EmbeddingNet, NetSpec, load_state, read_card, seeded
 from models.transforms import route_geometry
@@ -165,23 +164,6 @@ def _device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def _loss_and_miner(cfg: TrainConfig, num_classes: int, dim: int):
-    from pytorch_metric_learning import distances, losses, miners
-    if cfg.loss == "subcenter-arcface":
-        return (losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=28.6, scale=30,
-                                            sub_centers=3), miners.MultiSimilarityMiner(epsilon=0.1))
-    if cfg.loss == "cosface":
-        return (losses.CosFaceLoss(num_classes=num_classes, embedding_size=dim, margin=0.2, scale=30),
-                miners.MultiSimilarityMiner(epsilon=0.1))
-    if cfg.loss == "multisimilarity":
-        return (losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1))
-    if cfg.loss == "triplet":
-        dist = distances.CosineSimilarity()
-        return (losses.TripletMarginLoss(margin=0.2, distance=dist),
-                miners.TripletMarginMiner(margin=0.2, distance=dist, type_of_triplets="semihard"))
-    raise ValueError(f"unknown loss {cfg.loss!r} (subcenter-arcface, cosface, multisimilarity or triplet)")
-
-
 def validate(net, ex: Examples, device, views: str = "none") -> dict:
     """Validation metrics as the node will embed: averaged over the card's test-time views."""
     return M.identity_metrics(embed_examples(net, ex, device, views=views), ex.labels, with_pml=False, curves=True)
@@ -296,8 +278,10 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         data["initialized_from"] = {"folder": str(Path(cfg.init).resolve()), "name": init_card.get("name"),
                                     "version": init_card.get("version"), "sha256": init_card.get("sha256")}
     net = net.to(device)
-    loss_fn, miner = _loss_and_miner(cfg, len(classes), spec.dim)
+    loss_fn, miner = loss_and_miner(cfg.loss, len(classes), spec.dim)
     loss_fn = loss_fn.to(device)
+    if init_card is not None and hasattr(loss_fn, "W") and not (cfg.resume and (out / "checkpoint.pt").exists()):
+        data["proxies"] = init_proxies(loss_fn, embed_examples(net, train_ex, device), train_labels, len(classes))
     params = [{"params": net.parameters(), "lr": cfg.lr}]
     if list(loss_fn.parameters()):
         params.append({"params": loss_fn.parameters(), "lr": cfg.lr * 10})

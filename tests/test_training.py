@@ -76,6 +76,7 @@ def test_init_fine_tunes_from_a_weights_folder(trained, tmp_path, capsys):
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
     card = json.loads((tuned / "card.json").read_text())
     assert card["training_data"]["initialized_from"]["sha256"] == sha256_file(out / "model.pt")
+    assert card["training_data"]["proxies"].startswith("initialized at the --init model's class centroids")
     assert card["limitations"].startswith("fine-tuned; validation patients come from")
     assert card["limitations"].count("validation patients come from") == 1
 
@@ -343,3 +344,24 @@ def test_scale_views_are_the_image_at_three_sizes_and_average_the_embedding(tmp_
                                                                                       "dihedral+scales"}),
                                   torch.device("cpu"))
     assert np.allclose(turning.embed(image), turning.embed(torch.rot90(image, 1, dims=(-2, -1))), atol=1e-5)
+
+
+def test_fine_tuning_a_proxy_loss_starts_each_persons_proxies_at_their_mean_embedding():
+    """With --init, ArcFace / CosFace proxies start where the trained network puts each person."""
+    from pytorch_metric_learning import losses
+    from models.losses import init_proxies
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((10, 16))
+    labels = np.repeat(np.arange(10), 3)
+    emb = centres[labels] + 0.3 * rng.standard_normal((30, 16))
+    for loss in (losses.CosFaceLoss(num_classes=10, embedding_size=16),
+                 losses.SubCenterArcFaceLoss(num_classes=10, embedding_size=16, sub_centers=3)):
+        before = loss.get_logits(torch.as_tensor(emb, dtype=torch.float32)).argmax(1).numpy()
+        note = init_proxies(loss, emb, labels, 10)
+        logits = loss.get_logits(torch.as_tensor(emb, dtype=torch.float32))
+        assert (logits.argmax(1).numpy() == labels).all() and not (before == labels).all()
+        proxies = loss.W.detach().numpy().T.reshape(10, -1, 16)
+        mean = np.stack([emb[labels == c].mean(0) for c in range(10)])
+        mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+        cos = (proxies * mean[:, None]).sum(-1) / np.linalg.norm(proxies, axis=-1)
+        assert cos.min() > 0.99 and "10 classes" in note
