@@ -5,7 +5,9 @@ nearest neighbour is a sibling of the query (the generator's hard negatives, tru
     .venv/bin/python benchmarks/heldout_misses.py --route dermoscopy \
         --manifest /tmp/train/man/derm-heldout300.csv --cohort /tmp/train/derm300
 
-Manifest labels are `seed<S>-<person_id>` (models.synth_manifest).
+Manifest labels are `seed<S>-<person_id>` (models.synth_manifest). Then every pair of relatives
+in the cohort, ranked by how close the generator drew their anatomy (`anatomy_distance`), with
+the ranks of the missed pairs, and how many missed pairs share their sex.
 """
 
 from __future__ import annotations
