@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [k + 1 for k, (_, pair) in enumerate(pairs) if pair in missed_pairs]
     print(f"{len(pairs)} pairs of relatives; the closest: " + ", ".join(f"{d:.3f}" for d, _ in pairs[:8])
           + f"; the pairs with a Rank-1 miss between them rank {ranks} by closeness")
-    # the body and head generators scale with sex, so a same-sex pair differs only in the finer features
 
     def same_sex(pair: frozenset) -> bool:
+        # the 3D generators scale body and head with sex: a same-sex pair differs only in finer features
         return len({persons[q]["sex"] for q in pair}) == 1
 
     missed_relatives = [pair for _, pair in pairs if pair in missed_pairs]
