@@ -278,9 +278,10 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         data["initialized_from"] = {"folder": str(Path(cfg.init).resolve()), "name": init_card.get("name"),
                                     "version": init_card.get("version"), "sha256": init_card.get("sha256")}
     net = net.to(device)
+    ckpt_path = out / "checkpoint.pt"
     loss_fn, miner = loss_and_miner(cfg.loss, len(classes), spec.dim)
     loss_fn = loss_fn.to(device)
-    if init_card is not None and hasattr(loss_fn, "W") and not (cfg.resume and (out / "checkpoint.pt").exists()):
+    if init_card is not None and hasattr(loss_fn, "W") and not (cfg.resume and ckpt_path.exists()):
         data["proxies"] = init_proxies(loss_fn, embed_examples(net, train_ex, device), train_labels, len(classes))
     params = [{"params": net.parameters(), "lr": cfg.lr}]
     if list(loss_fn.parameters()):
@@ -289,7 +290,6 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None,
              "seconds": 0.0}
-    ckpt_path = out / "checkpoint.pt"
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["split_val_patients"] != val_patients or ckpt["classes"] != len(classes):
