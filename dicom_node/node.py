@@ -44,7 +44,14 @@ def make_linker(settings: Settings, engine: Engine):
         return None
     from db.links import LinkStore
     from linkage.engine import LinkageEngine
-    return LinkageEngine.from_settings(LinkStore(engine), settings)
+    store, storage_dir = IdentityStore(engine), settings.storage_dir
+
+    def series_images(series_pk: int) -> list:
+        """A stored series' 2D images through the pipeline's loader (geometric verification reads them)."""
+        from models.loading import load_series
+        found = store.series_files(series_pk)
+        return load_series([storage_dir / p for p in found[1]]).images if found and found[1] else []
+    return LinkageEngine.from_settings(LinkStore(engine), settings, series_images)
 
 
 def make_worker(settings: Settings, engine: Engine, linker=None):

@@ -6,7 +6,8 @@ Pure functions over plain data; the engine (`linkage.engine`) gathers the inputs
     P(hypothesis)  = sigmoid(W + ln(prior / (1 - prior)))
 
 Image evidence per route is the identity model's calibrated log-likelihood ratio of the
-cosine similarity (`models.calibration`), each pair of series clipped to +-max_image_llr,
+cosine similarity (`models.calibration`; plus the geometric verification bonus of
+`models.verification` for the models whose card asks for it), each pair of series clipped to +-max_image_llr,
 then the median over the pairs (robust to one odd series); routes add up because they are
 different images of the person. A route whose model has no calibration (an untrained
 network) contributes nothing, and the evidence says so.
@@ -39,7 +40,8 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class ImagePair:
-    """One compared pair of series: a's study, b's study, cosine, calibrated llr (None: uncalibrated)."""
+    """One compared pair of series: a's study, b's study, cosine, calibrated llr (None: uncalibrated),
+    and the geometric verification bonus when the model has one (the llr is then of cosine + bonus)."""
 
     route: str
     a_study_pk: int
@@ -47,6 +49,7 @@ class ImagePair:
     cosine: float
     llr: float | None
     model: str = ""
+    verification: float | None = None
 
 
 @dataclass
@@ -81,6 +84,10 @@ def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
         llrs = [p.llr for p in mine if p.llr is not None]
         entry = {"pairs": len(mine), "median_cosine": round(statistics.median(p.cosine for p in mine), 4),
                  "model": mine[0].model}
+        verified = [p.verification for p in mine if p.verification is not None]
+        if verified:
+            entry["median_verification"] = round(statistics.median(verified), 4)
+            entry["verified_pairs"] = len(verified)
         if llrs:
             llr = statistics.median(max(-clip, min(clip, v)) for v in llrs)
             entry["weight"] = round(llr, 3)

@@ -31,27 +31,39 @@ from linkage import decide as D
 from linkage.evidence import MatchWeights
 from linkage.search import CandidateIndex
 from models.calibration import Calibration
+from models.verification import SeriesVerifier, VerificationSettings
 
 log = logging.getLogger("linkage.engine")
 
 
-def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration]:
-    """(route, model name, model version) -> calibration, from the model cards of the registry.
+def _card_entries(weights_dir: Path | None, entry: str, parse) -> dict[tuple[str, str, str], object]:
+    """(route, model name, model version) -> parse(card) for the registry's cards that have `entry`.
 
-    The cards are read as JSON (models.networks would import torch). A card without a
-    calibration (or an untrained network, which has no card) gives no image evidence."""
+    The cards are read as JSON (models.networks would import torch); a card whose entry
+    cannot be parsed is logged and left out."""
     out = {}
     if not weights_dir or not Path(weights_dir).is_dir():
         return out
     for card_path in sorted(Path(weights_dir).glob("*/card.json")):
         try:
             card = json.loads(card_path.read_text(encoding="utf-8"))
-            if card.get("calibration"):
+            if card.get(entry):
                 route = card.get("route") or card_path.parent.name
-                out[(route, str(card.get("name")), str(card.get("version")))] = Calibration.from_json(card["calibration"])
+                out[(route, str(card.get("name")), str(card.get("version")))] = parse(card)
         except (OSError, ValueError, TypeError, KeyError) as error:
-            log.warning("%s: calibration not usable (%s)", card_path, error)
+            log.warning("%s: %s not usable (%s)", card_path, entry, error)
     return out
+
+
+def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration]:
+    """Model key -> calibration. A card without one (or an untrained network, which has no
+    card) gives no image evidence."""
+    return _card_entries(weights_dir, "calibration", lambda card: Calibration.from_json(card["calibration"]))
+
+
+def load_verification_settings(weights_dir: Path | None) -> dict[tuple[str, str, str], VerificationSettings]:
+    """Model key -> geometric verification settings (models.verification), for the cards that ask for it."""
+    return _card_entries(weights_dir, "verification", VerificationSettings.from_card)
 
 
 @dataclass
@@ -65,10 +77,12 @@ class LinkStats:
 
 class LinkageEngine:
     def __init__(self, store: LinkStore, thresholds: D.Thresholds, calibrations: dict,
-                 candidates: int = 10, max_birth_date_block: int = 50, index_dir: Path | None = None) -> None:
+                 candidates: int = 10, max_birth_date_block: int = 50, index_dir: Path | None = None,
+                 verifier: SeriesVerifier | None = None) -> None:
         self.store = store
         self.t = thresholds
         self.calibrations = calibrations
+        self.verifier = verifier
         self.k = candidates
         self.max_block = max_birth_date_block
         self.index_dir = index_dir
@@ -80,12 +94,16 @@ class LinkageEngine:
         self._busy = threading.Lock()
 
     @classmethod
-    def from_settings(cls, store: LinkStore, settings) -> LinkageEngine:
+    def from_settings(cls, store: LinkStore, settings, load_images=None) -> LinkageEngine:
+        """`load_images(series_pk)`: a stored series' 2D images, for the models with geometric verification."""
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr)
-        return cls(store, thresholds, load_calibrations(settings.resolve(settings.pipeline.weights_dir)),
-                   cfg.candidates, cfg.max_birth_date_block, settings.storage_dir / cfg.index_dir)
+        weights_dir = settings.resolve(settings.pipeline.weights_dir)
+        verification = load_verification_settings(weights_dir)
+        verifier = SeriesVerifier(verification, load_images) if verification and load_images else None
+        return cls(store, thresholds, load_calibrations(weights_dir), cfg.candidates, cfg.max_birth_date_block,
+                   settings.storage_dir / cfg.index_dir, verifier)
 
     # ----- the work list ---------------------------------------------------------------
 
@@ -219,9 +237,12 @@ class LinkageEngine:
                 if b.model_key != a.model_key:
                     continue                        # vectors of different models are never compared
                 cosine = float(np.dot(va, _vector(b.vector)))
+                # the calibration of a card with verification is of cosine + bonus (models.verification)
+                bonus = self.verifier.bonus(a.model_key, a.series_pk, b.series_pk) if self.verifier else None
                 cal = self.calibrations.get(a.model_key)
                 pairs.append(D.ImagePair(a.route, a.study_pk, b.study_pk, cosine,
-                                         cal.llr(cosine) if cal else None, f"{a.model_key[1]} {a.model_key[2]}"))
+                                         cal.llr(cosine + (bonus or 0.0)) if cal else None,
+                                         f"{a.model_key[1]} {a.model_key[2]}", bonus))
         return pairs
 
     def _save(self, kind: str, key: str, decision: D.Decision, a_patient: int, b_patient: int, stats: LinkStats) -> None:

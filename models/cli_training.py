@@ -142,7 +142,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         report["command"] = "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        print(f"updated {E.update_card(report, weights, args.update_card)}")
+        try:
+            print(f"updated {E.update_card(report, weights, args.update_card)}")
+        except ValueError as error:
+            print(f"dicom-node evaluate: card not updated: {error}", file=sys.stderr)
+            return 1
     report["command"] = "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     clean = E.write_report(report, args.out, args.json)
     print(E.format_summary(clean))

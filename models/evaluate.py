@@ -21,6 +21,12 @@ model was trained on this archive, only its validation patients are scored.
 `--update-card NAME` records the model's metrics in the card (metrics.heldout.NAME) and
 refits the card's calibration on these pairs.
 
+Geometric verification: when the card has a "verification" entry (models.verification), a
+manifest's pairs are scored cosine + bonus over every pair of examples ("model"; about 3 ms
+per pair per core, so a few minutes for a few hundred images), next to the cosine alone
+("embedding only"); that is the score the card's calibration is of. From the database only
+cosines are scored, and the report says so.
+
 Output folder: metrics.json (model, baseline "pixel-cosine" = cosine of 32 x 32 area-downsampled,
 zero-mean pixels of the same normalized input, 16^3 for volumes), roc.png, cmc.png, scores.png.
 """
@@ -31,6 +37,7 @@ import csv
 import json
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,8 @@ import torch
 from models import metrics as M
 
 log = logging.getLogger("models.evaluate")
+
+VERIFIED_SCORE = "cosine + verification bonus (models.verification)"
 
 
 # ---------------------------------------------------------------- manifest data (shared with training)
@@ -131,14 +140,23 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
     """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
     pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
     from models.db_data import pixel_embeddings
+    from models.verification import VerificationSettings, manifest_features, pairwise_bonus
     model, ex, emb, note, geometry = manifest_embeddings(route, manifest, weights_dir, device, all_patients, progress)
+    results = {"model": M.identity_metrics(emb, ex.labels, curves=True)}
+    verification = VerificationSettings.from_card(model.card)
+    if verification:
+        # the card's calibration is of cosine + bonus: "model" is that score, the embedding alone is kept beside it
+        rows, _ = scored_rows(model.card, manifest, all_patients)
+        bonus = pairwise_bonus(manifest_features(rows, route, verification), verification, progress=progress)
+        results = {"model": M.identity_metrics(emb, ex.labels, curves=True, sim=M.similarity(emb) + bonus),
+                   "embedding only": results["model"]}
+    results["pixel-cosine"] = M.identity_metrics(pixel_embeddings(ex), ex.labels, with_pml=False, curves=True)
     return {"route": route, "source": {"manifest": str(manifest), "selection": note, "input": geometry,
                                        **({"test_time_views": model.views} if model.views else {}),
+                                       **({"verification": verification.to_json()} if verification else {}),
                                        **({"input_size": geometry["size"]} if "size" in geometry else {})},
             "model": {"name": model.name, "version": model.version},
-            "results": {"model": M.identity_metrics(emb, ex.labels, curves=True),
-                        "pixel-cosine": M.identity_metrics(pixel_embeddings(ex), ex.labels, with_pml=False,
-                                                           curves=True)},
+            "results": results,
             "calibration": model.card.get("calibration")}
 
 
@@ -220,9 +238,12 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
         source = {"database": "series embedded now with the current model", "selection": selection,
                   "input": geometry, "series": info["series"], "skipped_series": info["skipped_series"]}
     results = {"model": M.identity_metrics(vectors, labels, curves=True), **results}
-    return {"route": route, "source": source, "model": used, "results": results,
-            "calibration": model.card.get("calibration") if used == {"name": model.name, "version": model.version}
-            else None}
+    calibration = model.card.get("calibration") if used == {"name": model.name, "version": model.version} else None
+    if model.card.get("verification"):
+        # the card's calibration is of cosine + bonus, which needs the images of every pair: not done here
+        source["verification"] = "not applied: these scores are cosines of the stored embeddings alone"
+        calibration = None
+    return {"route": route, "source": source, "model": used, "results": results, "calibration": calibration}
 
 
 def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
@@ -240,6 +261,11 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
            else {})}
     cal = fit_calibration(r["_curves"]["genuine"], r["_curves"]["impostor"],
                           fitted_on=f"held-out pairs: {dataset} ({r['patients']} patients, {r['images']} examples)")
+    if report["source"].get("verification"):
+        cal = replace(cal, score=VERIFIED_SCORE)
+    elif card.get("verification"):
+        raise ValueError(f"{card_path}: the card's calibration is of cosine + verification bonus; "
+                         "these scores are cosines alone")
     card["calibration"] = cal.to_json()
     report["calibration"] = card["calibration"]
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -274,10 +300,11 @@ def _plots(results: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
         c = r["_curves"]
-        bins = np.linspace(min(c["impostor"].min(), c["genuine"].min()), 1, 60)
+        bins = np.linspace(min(c["impostor"].min(), c["genuine"].min()),
+                           max(c["impostor"].max(), c["genuine"].max(), 1.0), 60)
         ax.hist(c["impostor"], bins=bins, density=True, alpha=.6, label="different patient")
         ax.hist(c["genuine"], bins=bins, density=True, alpha=.6, label="same patient")
-        ax.set_title(name), ax.set_xlabel("cosine similarity"), ax.legend(fontsize=8)
+        ax.set_title(name), ax.set_xlabel("similarity"), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "scores.png", dpi=100), plt.close(fig)
     files.append("scores.png")
     return files
@@ -310,7 +337,7 @@ def format_summary(report: dict) -> str:
     lines = [f"route {report['route']}  model {report['model']['name']} {report['model']['version']}",
              f"source {report['source']}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:>13}: Rank-1 {r['rank1']:.3f}  Rank-5 {r['rank5']:.3f}  mAP {r['mAP']:.3f}  "
+        lines.append(f"{name:>14}: Rank-1 {r['rank1']:.3f}  Rank-5 {r['rank5']:.3f}  mAP {r['mAP']:.3f}  "
                      f"AUC {r['roc_auc']:.3f}  EER {r['eer']:.3f}  TAR@FAR1e-3 {r['tar_at_far_1e-3']:.3f}  "
                      f"(images {r['images']}, patients {r['patients']}, queries {r['queries']}, "
                      f"gallery {r['gallery_size']})")

@@ -153,10 +153,17 @@ def pml_metrics(embeddings: np.ndarray, codes: np.ndarray) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
-def identity_metrics(embeddings: np.ndarray, labels, with_pml: bool = True, curves: bool = False) -> dict:
-    """All metrics of the module docstring; `curves` adds ROC points and pair scores for plots."""
+def identity_metrics(embeddings: np.ndarray, labels, with_pml: bool = True, curves: bool = False,
+                     sim: np.ndarray | None = None) -> dict:
+    """All metrics of the module docstring; `curves` adds ROC points and pair scores for plots.
+
+    `sim`: the (N, N) scores to rank and verify with instead of the embeddings' cosines (e.g. cosine
+    plus models.verification's bonus); pytorch-metric-learning's cross-check is then left out."""
     codes = encode_labels(labels)
-    sim = similarity(embeddings)
+    if sim is None:
+        sim = similarity(embeddings)
+    else:
+        with_pml = False
     out = {"images": int(len(codes)), **retrieval(sim, codes)}
     genuine, impostor = pair_scores(sim, codes)
     out.update(verification(genuine, impostor))

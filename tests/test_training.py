@@ -131,6 +131,31 @@ def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
     assert "Rank-1" in capsys.readouterr().out
 
 
+def test_evaluate_scores_cosine_plus_the_verification_bonus_when_the_card_asks(trained, tmp_path):
+    """With a "verification" entry the card's score is cosine + geometric bonus: `model` is that score
+    (and --update-card calibrates it), `embedding only` is the cosine beside it."""
+    manifest = write_image_manifest(tmp_path / "set")
+    weights = tmp_path / "weights"
+    shutil.copytree(trained, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    args = ["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(weights)]
+    assert main(args + ["--json", str(tmp_path / "plain.json")]) == 0
+    card_path = weights / "chest_xr" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["verification"] = {"size": 256, "weight_inliers": 0.1, "weight_ncc": 0.3}
+    card_path.write_text(json.dumps(card))
+    assert main(args + ["--json", str(tmp_path / "v.json"), "--update-card", "set"]) == 0
+    plain, verified = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "v.json"))
+    assert set(verified["results"]) == {"model", "embedding only", "pixel-cosine"}
+    assert verified["results"]["embedding only"]["mAP"] == pytest.approx(plain["results"]["model"]["mAP"])
+    assert verified["source"]["verification"]["size"] == 256
+    # same synthetic anatomy with a small jitter: the bonus separates the persons further
+    assert verified["results"]["model"]["eer"] < plain["results"]["model"]["eer"]
+    assert verified["results"]["model"]["mAP"] > plain["results"]["model"]["mAP"]
+    refit = json.loads(card_path.read_text())
+    assert refit["calibration"] != card["calibration"]
+    assert refit["metrics"]["heldout"]["set"]["mAP"] == pytest.approx(verified["results"]["model"]["mAP"])
+
+
 def test_evaluate_untrained_route_and_bad_arguments(tmp_path):
     manifest = write_image_manifest(tmp_path / "set", patients=3, per=2)
     assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest),

@@ -144,6 +144,27 @@ def test_review_page_shows_both_studies_evidence_and_thumbnails(site, tmp_path):
     assert c.get("/thumbnails/series/999999.png").status_code == 404
 
 
+def test_review_page_shows_the_image_check_where_the_model_made_one(site):
+    from db.records_linkage import LinkDraft
+    from linkage.decide import SAME
+
+    studies = {x.study_uid: x for x in site["links"].find_studies(study_uids=[site["studies"]["p2"],
+                                                                           site["studies"]["p3"]])}
+    a, b = studies[site["studies"]["p2"]], studies[site["studies"]["p3"]]
+    image = {"chest_xr": {"pairs": 2, "median_cosine": 0.91, "median_verification": 0.8317, "verified_pairs": 2,
+                          "model": "chest_xr-net 1", "weight": 6.2},
+             "fundus": {"pairs": 1, "median_cosine": 0.52, "model": "fundus-net 1", "weight": -1.0}}
+    link_id, _ = site["links"].upsert(LinkDraft(
+        key=f"{SAME}:{a.study_pk}:{b.study_pk}", kind=SAME, a_study_pk=a.study_pk, b_study_pk=b.study_pk,
+        a_patient_pk=a.patient_pk, b_patient_pk=b.patient_pk, probability=0.9, weight=5.2, band="review",
+        evidence={"image": image}))
+    c, _ = logged_in(site, "ann")
+    table = c.get(f"/links/{link_id}").text.split('id="image"')[1].split("</table>")[0]
+    assert "median image check" in table
+    rows = {r.split("</td>")[0].split(">")[-1]: r for r in table.split("<tr>")[2:]}
+    assert "0.8317" in rows["chest_xr"] and "0.8317" not in rows["fundus"] and ">-<" in rows["fundus"]
+
+
 def test_review_page_names_the_studies_a_misfiled_flag_was_judged_without(site):
     from db.records_linkage import LinkDraft
 

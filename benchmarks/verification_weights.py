@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Choose a 2D route's geometric verification settings on selection sets (an experiment for docs/accuracy.md).
+
+    .venv/bin/python benchmarks/verification_weights.py --route dermoscopy \\
+        --manifest /tmp/train/man/derm-302.csv --manifest /tmp/train/man/derm-303.csv --sigma 6 12
+
+Embeds each manifest with the registry model (`--weights-dir`; the rows `dicom-node evaluate`
+scores), matches every pair of first images once per high-pass sigma (models.verification.match:
+RANSAC inliers and the correlation of the aligned images), then scores
+cosine + w_inliers * log(1 + inliers) + w_ncc * ncc over a grid of weights with the metrics of
+`evaluate`. Prints Rank-1 / mAP / AUC per manifest and setting; `--json` writes them all.
+Use selection cohorts only: settings chosen on the held-out sets would flatter them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reranking import embed, scores  # noqa: E402  (benchmarks is a folder of scripts, not a package)
+
+INLIER_WEIGHTS = (0.0, 0.05, 0.1, 0.2)
+NCC_WEIGHTS = (0.0, 0.1, 0.3, 0.5, 1.0)
+
+
+def first_image_matches(features: list, s) -> np.ndarray:
+    """(N, N, 2): inliers and correlation of every pair of first images."""
+    from models.verification import match, pairwise
+    return pairwise(features, lambda a, b: match(a[0], b[0], s) if a and b else (0, 0.0), progress=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.evaluate import scored_rows
+    from models.networks import load_identity_model
+    from models.verification import VerificationSettings, manifest_features
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--route", required=True, choices=("chest_xr", "dermoscopy", "fundus"))
+    ap.add_argument("--manifest", type=Path, action="append", required=True)
+    ap.add_argument("--weights-dir", type=Path, default=Path("models/weights"))
+    ap.add_argument("--sigma", type=float, nargs="+", default=[6.0])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    import torch
+    card = load_identity_model(args.route, args.weights_dir, torch.device("cpu")).card
+    base = VerificationSettings.from_card(card) or VerificationSettings()
+    out = {}
+    for manifest in args.manifest:
+        emb, codes, model = embed(args.route, manifest, args.weights_dir)
+        rows, _ = scored_rows(card, manifest)
+        cosine = emb @ emb.T
+        print(f"{model}: {manifest} ({len(codes)} examples, {len(np.unique(codes))} persons)")
+        print(f"{'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} {'AUC':>7s}")
+        for sigma in args.sigma:
+            s = replace(base, highpass_sigma=sigma)
+            m = first_image_matches(manifest_features(rows, args.route, s), s)
+            for wi in INLIER_WEIGHTS:
+                for wn in NCC_WEIGHTS:
+                    r = scores(cosine + wi * np.log1p(m[..., 0]) + wn * m[..., 1], codes)
+                    out.setdefault(str(manifest), []).append({"sigma": sigma, "weight_inliers": wi,
+                                                              "weight_ncc": wn, **r})
+                    print(f"{sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

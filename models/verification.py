@@ -1,0 +1,258 @@
+"""Geometric verification for the 2D routes: do two images show the same anatomy point for point?
+
+An identity network compares global embeddings, and its misses are look-alikes: siblings in
+the synthetic cohorts, radiographs of other adults of the same build. A second opinion that
+looks at the images themselves separates many of them. For a pair of images:
+
+1. SIFT keypoints of both (gray, long side `size` pixels, CLAHE-equalized), matched with
+   Lowe's ratio test;
+2. a similarity transform (rotation, scale, shift) fitted to the matches with RANSAC; its
+   inlier count is the first measure;
+3. one image warped onto the other with that transform, and the normalized cross-correlation
+   of the two high-passed images over their overlap is the second.
+
+The pair's score is `cosine + weight_inliers * log(1 + inliers) + weight_ncc * ncc` (the
+"bonus" is the part after the cosine); the weights are the model card's "verification" entry,
+chosen on selection cohorts (docs/accuracy.md). The card's calibration is fitted on these
+scores, so linkage reads the same likelihood ratio off them as `evaluate` measured.
+
+OpenCV does the detection, matching, RANSAC and warping. Written here is only the score:
+no library combines an embedding with a geometric check of the images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VerificationSettings:
+    size: int = 512                  # long side of the compared images, pixels
+    features: int = 1000             # SIFT keypoints per image at most
+    highpass_sigma: float = 6.0      # Gaussian sigma (pixels at `size`) removed before the correlation
+    ratio: float = 0.8               # Lowe's ratio test
+    ransac_fraction: float = 0.02    # RANSAC reprojection threshold as a fraction of `size`
+    min_overlap: float = 0.3         # less overlap after warping: no correlation (0)
+    weight_inliers: float = 0.1
+    weight_ncc: float = 0.3
+    max_images: int = 2              # images of a series compared (the best pair counts)
+
+    @classmethod
+    def from_card(cls, card: dict | None) -> VerificationSettings | None:
+        """The card's "verification" entry; None when the card has none. Unknown keys are an error."""
+        entry = (card or {}).get("verification")
+        if not entry:
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = set(entry) - known - {"selected_on"}
+        if unknown:
+            raise ValueError(f"unknown verification settings {sorted(unknown)}")
+        return cls(**{k: v for k, v in entry.items() if k in known})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def bonus(self, inliers: int, ncc: float) -> float:
+        return self.weight_inliers * math.log1p(inliers) + self.weight_ncc * ncc
+
+
+@dataclass
+class ImageFeatures:
+    points: np.ndarray               # (K, 2) keypoint positions, float32
+    descriptors: np.ndarray | None   # (K, 128) SIFT descriptors, float32 (None: no keypoints)
+    highpass: np.ndarray             # (H, W) float32, the equalized image minus its Gaussian blur
+
+
+def _cv2():
+    import cv2
+    cv2.setNumThreads(1)             # pairs run in worker processes; nested threads only contend
+    return cv2
+
+
+def gray_uint8(image) -> np.ndarray:
+    """A (C, H, W) or (H, W) image (tensor or array) as (H, W) uint8: channels averaged, stretched to 0-255
+    (SIFT's contrast threshold is absolute, so a dim image would give few keypoints)."""
+    a = image.as_tensor() if hasattr(image, "as_tensor") else image
+    a = np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a, dtype=np.float32)
+    if a.ndim == 3:
+        a = a.mean(axis=0)
+    if a.ndim != 2:
+        raise ValueError(f"verification compares 2D images, got shape {a.shape}")
+    low, high = float(a.min()), float(a.max())
+    return np.rint(255 * (a - low) / max(high - low, 1e-6)).astype(np.uint8)
+
+
+def prepare(image, s: VerificationSettings) -> ImageFeatures:
+    """Keypoints, descriptors and the high-passed image of one 2D image in [0, 1]."""
+    cv2 = _cv2()
+    gray = gray_uint8(image)
+    h, w = gray.shape
+    scale = s.size / max(h, w)
+    resized = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    equalized = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(resized)
+    keypoints, descriptors = cv2.SIFT_create(nfeatures=s.features).detectAndCompute(equalized, None)
+    points = np.float32([k.pt for k in keypoints]).reshape(-1, 2)
+    f = equalized.astype(np.float32)
+    return ImageFeatures(points, descriptors, f - cv2.GaussianBlur(f, (0, 0), s.highpass_sigma))
+
+
+def match(a: ImageFeatures, b: ImageFeatures, s: VerificationSettings) -> tuple[int, float]:
+    """(RANSAC inliers, correlation of the aligned high-passed images); (0, 0.0) when no transform is found."""
+    cv2 = _cv2()
+    if a.descriptors is None or b.descriptors is None or len(a.points) < 3 or len(b.points) < 3:
+        return 0, 0.0
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors, b.descriptors, k=2)
+    good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < s.ratio * n.distance]
+    if len(good) < 4:
+        return 0, 0.0
+    src = a.points[[m.queryIdx for m in good]]
+    dst = b.points[[m.trainIdx for m in good]]
+    transform, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
+                                                     ransacReprojThreshold=s.size * s.ransac_fraction)
+    if transform is None:
+        return 0, 0.0
+    count = int(inliers.sum())
+    h, w = b.highpass.shape
+    warped = cv2.warpAffine(a.highpass, transform, (w, h))
+    overlap = cv2.warpAffine(np.ones_like(a.highpass), transform, (w, h)) > 0.99
+    if overlap.mean() < s.min_overlap:
+        return count, 0.0
+    x, y = warped[overlap], b.highpass[overlap]
+    x, y = x - x.mean(), y - y.mean()
+    return count, float((x * y).sum() / (math.sqrt(float((x * x).sum()) * float((y * y).sum())) + 1e-6))
+
+
+def series_bonus(a: list[ImageFeatures], b: list[ImageFeatures], s: VerificationSettings) -> float:
+    """The best bonus over the first `max_images` images of each series."""
+    return max((s.bonus(*match(x, y, s)) for x in a[:s.max_images] for y in b[:s.max_images]), default=0.0)
+
+
+# ---------------------------------------------------------------- every pair of a scored set (evaluate)
+
+_SHARED: tuple | None = None
+
+
+def _row(i: int) -> list:
+    features, score = _SHARED
+    return [score(features[i], features[j]) for j in range(i + 1, len(features))]
+
+
+def pairwise(features: list, score, workers: int | None = None, progress: bool = False) -> np.ndarray:
+    """(N, N, ...) array of score(features[i], features[j]), mirrored, zero diagonal; rows in `workers`
+    processes (default: the CPUs)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+    global _SHARED
+    n = len(features)
+    rows: list = []
+    workers = max(1, workers or os.cpu_count() or 1)
+    _SHARED = (features, score)      # inherited by forked workers; pickling 1 MB per image per task would dominate
+    try:
+        if workers > 1 and n > 2 and "fork" in _start_methods():
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                rows = list(tqdm(pool.map(_row, range(n - 1), chunksize=4), total=n - 1, desc="verify",
+                                 disable=not progress, leave=False))
+        else:
+            rows = [_row(i) for i in tqdm(range(n - 1), desc="verify", disable=not progress, leave=False)]
+    finally:
+        _SHARED = None
+    first = next((np.asarray(r[0], dtype=float) for r in rows if r), np.zeros(()))
+    out = np.zeros((n, n) + first.shape)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, i + 1:] = np.asarray(row, dtype=float)
+            out[i + 1:, i] = out[i, i + 1:]
+    return out
+
+
+def pairwise_bonus(features: list[list[ImageFeatures]], s: VerificationSettings, workers: int | None = None,
+                   progress: bool = False) -> np.ndarray:
+    """(N, N) symmetric bonus matrix of the series' features, zero diagonal."""
+    return pairwise(features, partial(series_bonus, s=s), workers, progress)
+
+
+def _start_methods() -> list[str]:
+    from multiprocessing import get_all_start_methods
+    return get_all_start_methods()
+
+
+def manifest_features(rows: list[tuple[Path, str]], route: str, s: VerificationSettings) -> list[list[ImageFeatures]]:
+    """Features of each manifest row's images: a PNG/JPEG file, or a DICOM series (folder or .dcm) loaded
+    with the pipeline's loader, in the same [0, 1] range the pipeline normalizes from."""
+    from models.evaluate import read_picture
+    from models.loading import load_series
+    from models.transforms import ROUTE_INPUTS
+    out = []
+    for path, _ in rows:
+        path = Path(path)
+        if path.is_dir() or path.suffix.lower() == ".dcm":
+            files = sorted(path.glob("*.dcm")) if path.is_dir() else [path]
+            images = load_series(files).images[:s.max_images]
+        else:
+            images = [read_picture(path, ROUTE_INPUTS[route]["channels"])]
+        out.append([prepare(image, s) for image in images])
+    return out
+
+
+# ---------------------------------------------------------------- stored series (linkage)
+
+class SeriesVerifier:
+    """The bonus of two stored series, for the models whose card asks for verification.
+
+    `load_images(series_pk)` returns a series' 2D images (the I/O, supplied by the node's wiring:
+    stored files through the pipeline's loader). Features and pair bonuses are cached, because
+    the engine compares a patient's series again whenever a new study arrives.
+    """
+
+    def __init__(self, settings: dict[tuple[str, str, str], VerificationSettings], load_images,
+                 cache_series: int = 256, cache_pairs: int = 65536) -> None:
+        from collections import OrderedDict
+        self.settings = settings
+        self.load_images = load_images
+        self._features: OrderedDict = OrderedDict()
+        self._pairs: OrderedDict = OrderedDict()
+        self._limits = (cache_series, cache_pairs)
+
+    def bonus(self, model_key: tuple[str, str, str], a_series_pk: int, b_series_pk: int) -> float | None:
+        """None when the model has no verification or a series' images cannot be read."""
+        s = self.settings.get(model_key)
+        if s is None:
+            return None
+        key = (min(a_series_pk, b_series_pk), max(a_series_pk, b_series_pk), s)
+        if key in self._pairs:
+            self._pairs.move_to_end(key)
+            return self._pairs[key]
+        a, b = self._series_features(a_series_pk, s), self._series_features(b_series_pk, s)
+        value = series_bonus(a, b, s) if a and b else None
+        _remember(self._pairs, key, value, self._limits[1])
+        return value
+
+    def _series_features(self, series_pk: int, s: VerificationSettings) -> list[ImageFeatures]:
+        key = (series_pk, s)
+        if key in self._features:
+            self._features.move_to_end(key)
+            return self._features[key]
+        try:
+            features = [prepare(image, s) for image in self.load_images(series_pk)[:s.max_images]]
+        except Exception as error:  # noqa: BLE001 - an unreadable series gives no bonus; linking goes on
+            import logging
+            logging.getLogger("models.verification").warning("series pk %d: images not readable for verification "
+                                                             "(%s: %s)", series_pk, type(error).__name__, error)
+            features = []
+        _remember(self._features, key, features, self._limits[0])
+        return features
+
+
+def _remember(cache, key, value, limit: int) -> None:
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)

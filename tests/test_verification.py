@@ -1,0 +1,139 @@
+"""Geometric verification (models.verification): the same anatomy moved is recognised, other anatomy is not,
+and the node's linkage reads it off the stored series."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from models.verification import (ImageFeatures, SeriesVerifier, VerificationSettings, match, pairwise_bonus,
+                                 prepare, series_bonus)
+
+S = VerificationSettings(size=256, features=500)
+
+
+def anatomy(seed: int, size: int = 256) -> np.ndarray:
+    """A (H, W) image in [0, 1]: blobs and ridges at several scales, different for every seed."""
+    rng = np.random.default_rng(seed)
+    field = sum(cv2.GaussianBlur(rng.normal(size=(size, size)).astype(np.float32), (0, 0), sigma) * sigma
+                for sigma in (2, 5, 12))
+    return (field - field.min()) / (field.max() - field.min())
+
+
+def moved(image: np.ndarray, angle: float = 6.0, scale: float = 1.05, shift=(9, -6), noise: float = 0.02,
+          seed: int = 0) -> np.ndarray:
+    """The same anatomy at another position (a second visit): turned, scaled, shifted, a little noise."""
+    h, w = image.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    m[:, 2] += shift
+    out = cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+    return np.clip(out + np.random.default_rng(seed).normal(scale=noise, size=out.shape), 0, 1)
+
+
+def test_settings_come_from_the_card_and_reject_unknown_keys():
+    assert VerificationSettings.from_card({}) is None
+    assert VerificationSettings.from_card({"verification": {"weight_ncc": 0.5, "selected_on": "seeds 302, 303"}}) \
+        == VerificationSettings(weight_ncc=0.5)
+    with pytest.raises(ValueError, match="weight_nc"):
+        VerificationSettings.from_card({"verification": {"weight_nc": 0.5}})
+    s = VerificationSettings(weight_inliers=0.1, weight_ncc=0.3)
+    assert s.bonus(0, 0.0) == 0.0
+    assert s.bonus(99, 0.5) == pytest.approx(0.1 * np.log(100) + 0.15)
+
+
+def test_the_same_anatomy_moved_matches_and_another_does_not():
+    a = anatomy(1)
+    same_inliers, same_ncc = match(prepare(a, S), prepare(moved(a), S), S)
+    other_inliers, other_ncc = match(prepare(a, S), prepare(anatomy(2), S), S)
+    assert same_inliers >= 40 and same_ncc > 0.5
+    assert other_inliers < 15 and abs(other_ncc) < 0.3
+    assert S.bonus(same_inliers, same_ncc) > S.bonus(other_inliers, other_ncc) + 0.3
+
+
+def test_colour_images_and_dim_images_are_compared_as_stretched_gray():
+    a = anatomy(3)
+    rgb = np.stack([a, 0.5 * a, 0.25 * a])                  # (C, H, W), as the loader gives colour routes
+    dim = 0.1 * moved(a) + 0.2                               # a low-contrast acquisition of the same anatomy
+    inliers, ncc = match(prepare(rgb, S), prepare(dim, S), S)
+    assert inliers >= 40 and ncc > 0.5
+    with pytest.raises(ValueError, match="2D images"):
+        prepare(np.zeros((2, 3, 4, 5)), S)
+
+
+def test_featureless_images_give_no_bonus_instead_of_failing():
+    flat = np.full((64, 64), 0.5)
+    f = prepare(flat, S)
+    assert f.descriptors is None or len(f.points) < 3
+    assert match(f, prepare(anatomy(4), S), S) == (0, 0.0)
+    assert series_bonus([], [f], S) == 0.0
+
+
+def test_pairwise_bonus_is_symmetric_and_the_same_in_worker_processes():
+    images = [anatomy(10), moved(anatomy(10)), anatomy(11), moved(anatomy(11), angle=-4, seed=1)]
+    features = [[prepare(x, S)] for x in images]
+    serial = pairwise_bonus(features, S, workers=1)
+    parallel = pairwise_bonus(features, S, workers=2)
+    assert np.allclose(serial, parallel) and np.allclose(serial, serial.T) and not serial.diagonal().any()
+    assert serial[0, 1] == pytest.approx(series_bonus(features[0], features[1], S))
+    for i, j in ((0, 1), (2, 3)):                            # each person's pair beats every cross pair
+        cross = [serial[i, k] for k in (2, 3)] if i == 0 else [serial[i, k] for k in (0, 1)]
+        assert serial[i, j] > max(cross)
+
+
+def test_series_verifier_caches_reads_and_survives_unreadable_series():
+    reads = []
+    images = {1: [anatomy(20)], 2: [moved(anatomy(20))], 3: [anatomy(21)]}
+
+    def load(series_pk):
+        reads.append(series_pk)
+        if series_pk == 4:
+            raise OSError("file gone")
+        return images[series_pk]
+
+    key, other = ("dermoscopy", "net", "1"), ("fundus", "net", "1")
+    v = SeriesVerifier({key: S}, load)
+    same, cross = v.bonus(key, 1, 2), v.bonus(key, 1, 3)
+    assert same > cross + 0.3
+    assert v.bonus(key, 2, 1) == same and sorted(reads) == [1, 2, 3]     # pair and series cached
+    assert v.bonus(key, 1, 4) is None                                     # unreadable: no bonus, no exception
+    assert v.bonus(other, 1, 2) is None and 4 in reads                    # a model without verification
+
+
+def test_features_are_plain_arrays():
+    f = prepare(anatomy(5), S)
+    assert isinstance(f, ImageFeatures) and f.highpass.shape == (256, 256) and f.points.shape[1] == 2
+
+
+def test_linkage_adds_the_bonus_of_the_stored_series_to_the_calibrated_score(store, tmp_path):
+    """The engine reads each compared series' images (through the loader the node wires in) and scores
+    cosine + bonus with the card's calibration; the evidence shows the bonus."""
+    from db.links import LinkStore
+    from linkage import decide as D
+    from linkage.engine import Calibration, LinkageEngine, LinkStats
+    from tests.test_linkage_engine import COHORT, MODEL, load_cohort
+
+    load_cohort(store)
+    person = {study: p for study, *_, p in COHORT}
+
+    def series_images(series_pk):                 # stored path "<study uid>/<sop>.dcm" -> that person's anatomy
+        _, paths = store.series_files(series_pk)
+        study = paths[0].split("/")[0]
+        return [moved(anatomy(100 + person[study]), angle=len(study) + float(study[-1]), seed=int(study[-1]))]
+
+    cal = {MODEL: Calibration(a=10.0, b=-9.0)}    # cosine 0.99 alone: llr 0.9; with a bonus of 0.8: 8.9
+    verifier = SeriesVerifier({MODEL: S}, series_images)
+    plain = LinkageEngine(LinkStore(store.engine), D.Thresholds(), cal, candidates=5, index_dir=tmp_path / "a")
+    plain.link_pending()
+    before = {frozenset((l.a.patient_id, l.b.patient_id)): l.evidence["image"]["chest_xr"]
+              for l in LinkStore(store.engine).list() if l.kind == D.SAME}
+    assert "median_verification" not in before[frozenset(("A100", "B200"))]
+
+    verified = LinkageEngine(LinkStore(store.engine), D.Thresholds(), cal, candidates=5, index_dir=tmp_path / "b",
+                             verifier=verifier)
+    a, b = (store.find_patient_pks(pid)[0] for pid in ("A100", "B200"))
+    verified.check_pair(a, b, LinkStats())                  # the same pair again, now with the images checked
+    after = {frozenset((l.a.patient_id, l.b.patient_id)): l.evidence["image"]["chest_xr"]
+             for l in LinkStore(store.engine).list() if l.kind == D.SAME}[frozenset(("A100", "B200"))]
+    assert after["median_verification"] > 0.5 and after["verified_pairs"] == 2
+    assert after["weight"] > before[frozenset(("A100", "B200"))]["weight"] + 4
