@@ -75,6 +75,16 @@ def scores(sim: np.ndarray, codes: np.ndarray) -> dict:
     return {"rank1": r["rank1"], "rank5": r["rank5"], "mAP": r["mAP"], "roc_auc": M.roc_auc(genuine, impostor)}
 
 
+def scored_cosines(route: str, manifest: Path, weights_dir: Path, card: dict) -> tuple[np.ndarray, np.ndarray, list]:
+    """Cosine of every pair of the manifest rows `evaluate` scores, their person codes and the rows;
+    prints which model and how many examples (the verification experiments start here)."""
+    from models.evaluate import scored_rows
+    emb, codes, model = embed(route, manifest, weights_dir)
+    rows, _ = scored_rows(card, manifest)
+    print(f"{model}: {manifest} ({len(codes)} examples, {len(np.unique(codes))} persons)")
+    return emb @ emb.T, codes, rows
+
+
 def embed(route: str, manifest: Path, weights_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
     import torch
     from models import metrics as M

@@ -2,7 +2,7 @@
 """Choose a 2D route's geometric verification settings on selection sets (an experiment for docs/accuracy.md).
 
     .venv/bin/python benchmarks/verification_weights.py --route dermoscopy \\
-        --manifest /tmp/train/man/derm-302.csv --manifest /tmp/train/man/derm-303.csv --sigma 6 12
+        --manifest /tmp/train/man/derm-select302.csv --manifest /tmp/train/man/derm-select303-twins.csv --sigma 6 12
 
 Embeds each manifest with the registry model (`--weights-dir`; the rows `dicom-node evaluate`
 scores), matches every pair of first images once per high-pass sigma (models.verification.match:
@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reranking import embed, scores  # noqa: E402  (benchmarks is a folder of scripts, not a package)
+from reranking import scored_cosines, scores  # noqa: E402  (benchmarks is a folder of scripts, not a package)
 
 INLIER_WEIGHTS = (0.0, 0.05, 0.1, 0.2)
 NCC_WEIGHTS = (0.0, 0.1, 0.3, 0.5, 1.0)
@@ -38,7 +38,6 @@ def first_image_matches(features: list, s) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.evaluate import scored_rows
     from models.networks import load_identity_model
     from models.verification import VerificationSettings, manifest_features
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     base = VerificationSettings.from_card(card) or VerificationSettings()
     out = {}
     for manifest in args.manifest:
-        emb, codes, model = embed(args.route, manifest, args.weights_dir)
-        rows, _ = scored_rows(card, manifest)
-        cosine = emb @ emb.T
-        print(f"{model}: {manifest} ({len(codes)} examples, {len(np.unique(codes))} persons)")
+        cosine, codes, rows = scored_cosines(args.route, manifest, args.weights_dir, card)
         print(f"{'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} {'AUC':>7s}")
         for sigma in args.sigma:
             s = replace(base, highpass_sigma=sigma)
