@@ -22,8 +22,8 @@ model was trained on this archive, only its validation patients are scored.
 refits the card's calibration on these pairs.
 
 Geometric verification: when the card has a "verification" entry (models.verification), a
-manifest's pairs are scored cosine + bonus over every pair of examples ("model"; about 3 ms
-per pair per core, so a few minutes for a few hundred images), next to the cosine alone
+manifest's pairs are scored cosine + bonus over every pair of examples ("model"; 10-25 ms per
+pair on one core, pairs spread over all cores, so minutes for a few hundred images), next to the cosine alone
 ("embedding only"); that is the score the card's calibration is of. From the database only
 cosines are scored, and the report says so.
 
