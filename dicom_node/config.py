@@ -119,6 +119,10 @@ class LinkageSettings(_Section):
     max_image_llr: float = Field(12.0, gt=0)
     # Where the candidate index is saved between runs (relative to storage.dir).
     index_dir: Path = Path("linkage-index")
+    # Check compared image pairs geometrically for the models whose card asks for it
+    # (models/verification.py; reads the compared series' images again). Off: the cosine
+    # alone, with the card's cosine calibration, e.g. while a whole archive is imported.
+    check_image_pairs: bool = True
 
 
 class WebSettings(_Section):

@@ -66,6 +66,13 @@ def load_verification_settings(weights_dir: Path | None) -> dict[tuple[str, str,
     return _card_entries(weights_dir, "verification", VerificationSettings.from_card)
 
 
+def load_cosine_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration | None]:
+    """For the cards with verification (whose `calibration` is of cosine + bonus): the calibration of the
+    cosine alone (`calibration_cosine`), for pairs that were not checked; None where the card has none."""
+    return _card_entries(weights_dir, "verification", lambda card: Calibration.from_json(card["calibration_cosine"])
+                         if card.get("calibration_cosine") else None)
+
+
 @dataclass
 class LinkStats:
     series: int = 0
@@ -78,11 +85,13 @@ class LinkStats:
 class LinkageEngine:
     def __init__(self, store: LinkStore, thresholds: D.Thresholds, calibrations: dict,
                  candidates: int = 10, max_birth_date_block: int = 50, index_dir: Path | None = None,
-                 verifier: SeriesVerifier | None = None) -> None:
+                 verifier: SeriesVerifier | None = None, cosine_calibrations: dict | None = None) -> None:
         self.store = store
         self.t = thresholds
         self.calibrations = calibrations
         self.verifier = verifier
+        # models whose `calibrations` entry is of cosine + bonus -> the calibration of the cosine alone
+        self.cosine_calibrations = cosine_calibrations or {}
         self.k = candidates
         self.max_block = max_birth_date_block
         self.index_dir = index_dir
@@ -95,15 +104,17 @@ class LinkageEngine:
 
     @classmethod
     def from_settings(cls, store: LinkStore, settings, load_images=None) -> LinkageEngine:
-        """`load_images(series_pk)`: a stored series' 2D images, for the models with geometric verification."""
+        """`load_images(series_pk)`: a stored series' 2D images, for the models with geometric verification
+        (used when `linkage.check_image_pairs` is on)."""
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr)
         weights_dir = settings.resolve(settings.pipeline.weights_dir)
         verification = load_verification_settings(weights_dir)
-        verifier = SeriesVerifier(verification, load_images) if verification and load_images else None
+        check = verification and load_images and cfg.check_image_pairs
+        verifier = SeriesVerifier(verification, load_images) if check else None
         return cls(store, thresholds, load_calibrations(weights_dir), cfg.candidates, cfg.max_birth_date_block,
-                   settings.storage_dir / cfg.index_dir, verifier)
+                   settings.storage_dir / cfg.index_dir, verifier, load_cosine_calibrations(weights_dir))
 
     # ----- the work list ---------------------------------------------------------------
 
@@ -237,13 +248,20 @@ class LinkageEngine:
                 if b.model_key != a.model_key:
                     continue                        # vectors of different models are never compared
                 cosine = float(np.dot(va, _vector(b.vector)))
-                # the calibration of a card with verification is of cosine + bonus (models.verification)
                 bonus = self.verifier.bonus(a.model_key, a.series_pk, b.series_pk) if self.verifier else None
-                cal = self.calibrations.get(a.model_key)
+                cal = self._calibration(a.model_key, bonus)
                 pairs.append(D.ImagePair(a.route, a.study_pk, b.study_pk, cosine,
                                          cal.llr(cosine + (bonus or 0.0)) if cal else None,
                                          f"{a.model_key[1]} {a.model_key[2]}", bonus))
         return pairs
+
+    def _calibration(self, model_key: tuple[str, str, str], bonus: float | None) -> Calibration | None:
+        """The calibration of the score at hand. A card with verification is calibrated on cosine + bonus;
+        a pair left unchecked (checks off, images unreadable) takes the card's cosine calibration, or gives
+        no image evidence where the card has none, rather than a cosine read on the wrong scale."""
+        if bonus is None and model_key in self.cosine_calibrations:
+            return self.cosine_calibrations[model_key]
+        return self.calibrations.get(model_key)
 
     def _save(self, kind: str, key: str, decision: D.Decision, a_patient: int, b_patient: int, stats: LinkStats) -> None:
         if kind == D.SAME and a_patient > b_patient:

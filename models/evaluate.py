@@ -255,14 +255,17 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     if (card.get("name"), card.get("version")) != (report["model"]["name"], report["model"]["version"]):
         raise ValueError(f"{card_path}: the report is of another model")
     r = report["results"]["model"]
+    baselines = {name: M.summary(report["results"][name]) for name in ("embedding only", "pixel-cosine")
+                 if name in report["results"]}
     card.setdefault("metrics", {}).setdefault("heldout", {})[dataset] = {
-        **M.summary(r), "source": report["source"], "command": report.get("command", ""),
-        **({"pixel-cosine": M.summary(report["results"]["pixel-cosine"])} if "pixel-cosine" in report["results"]
-           else {})}
-    cal = fit_calibration(r["_curves"]["genuine"], r["_curves"]["impostor"],
-                          fitted_on=f"held-out pairs: {dataset} ({r['patients']} patients, {r['images']} examples)")
+        **M.summary(r), "source": report["source"], "command": report.get("command", ""), **baselines}
+    fitted_on = f"held-out pairs: {dataset} ({r['patients']} patients, {r['images']} examples)"
+    cal = fit_calibration(r["_curves"]["genuine"], r["_curves"]["impostor"], fitted_on=fitted_on)
     if report["source"].get("verification"):
         cal = replace(cal, score=VERIFIED_SCORE)
+        # linkage scores a pair it could not check by its cosine, on this scale (linkage.engine)
+        alone = report["results"]["embedding only"]["_curves"]
+        card["calibration_cosine"] = fit_calibration(alone["genuine"], alone["impostor"], fitted_on=fitted_on).to_json()
     elif card.get("verification"):
         raise ValueError(f"{card_path}: the card's calibration is of cosine + verification bonus; "
                          "these scores are cosines alone")

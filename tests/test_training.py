@@ -153,7 +153,14 @@ def test_evaluate_scores_cosine_plus_the_verification_bonus_when_the_card_asks(t
     assert verified["results"]["model"]["mAP"] > plain["results"]["model"]["mAP"]
     refit = json.loads(card_path.read_text())
     assert refit["calibration"] != card["calibration"]
+    assert refit["calibration"]["score"].startswith("cosine + verification")
     assert refit["metrics"]["heldout"]["set"]["mAP"] == pytest.approx(verified["results"]["model"]["mAP"])
+    # the cosine alone keeps a calibration of its own, fitted on the same pairs (linkage's unchecked pairs)
+    alone = refit["metrics"]["heldout"]["set"]["embedding only"]
+    assert alone["mAP"] == pytest.approx(plain["results"]["model"]["mAP"])
+    assert refit["calibration_cosine"]["score"] == "cosine"
+    assert refit["calibration_cosine"]["pairs"] == refit["calibration"]["pairs"]
+    assert refit["calibration_cosine"]["a"] != pytest.approx(refit["calibration"]["a"])
 
 
 def test_evaluate_untrained_route_and_bad_arguments(tmp_path):

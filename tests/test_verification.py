@@ -3,6 +3,8 @@ and the node's linkage reads it off the stored series."""
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -137,3 +139,54 @@ def test_linkage_adds_the_bonus_of_the_stored_series_to_the_calibrated_score(sto
              for l in LinkStore(store.engine).list() if l.kind == D.SAME}[frozenset(("A100", "B200"))]
     assert after["median_verification"] > 0.5 and after["verified_pairs"] == 2
     assert after["weight"] > before[frozenset(("A100", "B200"))]["weight"] + 4
+
+
+def test_an_unchecked_pair_is_scored_on_the_cosine_calibration_not_the_checked_one(store, tmp_path):
+    """A card with verification is calibrated on cosine + bonus. Where a pair is not checked (checks
+    switched off, images unreadable) the engine takes the card's cosine calibration, or leaves the route
+    out of the evidence when the card has none, instead of reading a bare cosine on the other scale."""
+    from db.links import LinkStore
+    from linkage import decide as D
+    from linkage.engine import Calibration, LinkageEngine, LinkStats
+    from tests.test_linkage_engine import MODEL, load_cohort
+
+    load_cohort(store)
+    a, b = (store.find_patient_pks(pid)[0] for pid in ("A100", "B200"))
+    checked = {MODEL: Calibration(a=10.0, b=-9.0)}                   # of cosine + bonus
+
+    def evidence(cosine_calibrations, verifier=None, folder="x"):
+        engine = LinkageEngine(LinkStore(store.engine), D.Thresholds(), checked, candidates=5,
+                               index_dir=tmp_path / folder, verifier=verifier, cosine_calibrations=cosine_calibrations)
+        engine.check_pair(a, b, LinkStats())
+        return {frozenset((l.a.patient_id, l.b.patient_id)): l.evidence["image"]
+                for l in LinkStore(store.engine).list() if l.kind == D.SAME}[frozenset(("A100", "B200"))]
+
+    plain = evidence({})["chest_xr"]                                   # a model without verification
+    alone = evidence({MODEL: Calibration(a=20.0, b=-10.0)}, folder="y")["chest_xr"]
+    assert alone["weight"] == pytest.approx(20.0 * plain["median_cosine"] - 10.0, abs=1e-3)
+    assert plain["weight"] == pytest.approx(10.0 * plain["median_cosine"] - 9.0, abs=1e-3)
+    unreadable = SeriesVerifier({MODEL: S}, lambda pk: (_ for _ in ()).throw(OSError("gone")))
+    read_failed = evidence({MODEL: Calibration(a=20.0, b=-10.0)}, unreadable, folder="z")["chest_xr"]
+    assert read_failed["weight"] == pytest.approx(alone["weight"], abs=1e-3) and "verified_pairs" not in read_failed
+    none = evidence({MODEL: None}, folder="w")["chest_xr"]              # no cosine calibration: no evidence
+    assert none["weight"] == 0.0 and "no calibration" in none["note"]
+
+
+def test_check_image_pairs_off_builds_no_verifier(tmp_path):
+    """`linkage.check_image_pairs = false` (e.g. for a bulk import): no images are read, and the card's
+    cosine calibration is at hand for the unchecked pairs."""
+    from dicom_node.config import settings_from_dict
+    from linkage.engine import LinkageEngine
+    from models.calibration import Calibration
+    weights = tmp_path / "weights" / "chest_xr"
+    weights.mkdir(parents=True)
+    (weights / "card.json").write_text(json.dumps({
+        "name": "n", "version": "v", "route": "chest_xr", "verification": {"weight_ncc": 0.3},
+        "calibration": Calibration(a=10.0, b=-9.0).to_json(), "calibration_cosine": Calibration(a=20.0, b=-10.0).to_json()}))
+    for on in (True, False):
+        settings = settings_from_dict({"storage": {"dir": str(tmp_path / "s")},
+                                       "pipeline": {"weights_dir": str(tmp_path / "weights")},
+                                       "linkage": {"check_image_pairs": on}}, tmp_path)
+        engine = LinkageEngine.from_settings(None, settings, load_images=lambda pk: [])
+        assert (engine.verifier is not None) is on
+        assert engine.cosine_calibrations[("chest_xr", "n", "v")].a == 20.0
