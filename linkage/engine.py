@@ -36,40 +36,51 @@ from models.verification import SeriesVerifier, VerificationSettings
 log = logging.getLogger("linkage.engine")
 
 
-def _card_entries(weights_dir: Path | None, entry: str, parse) -> dict[tuple[str, str, str], object]:
-    """(route, model name, model version) -> parse(card) for the registry's cards that have `entry`.
+ModelKey = tuple[str, str, str]          # (route, model name, model version)
 
-    The cards are read as JSON (models.networks would import torch); a card whose entry
-    cannot be parsed is logged and left out."""
+
+def registry_cards(weights_dir: Path | None) -> dict[ModelKey, dict]:
+    """Model key -> card, for the registry's cards, read once as JSON (models.networks would import
+    torch); an unreadable card is logged and left out."""
     out = {}
     if not weights_dir or not Path(weights_dir).is_dir():
         return out
     for card_path in sorted(Path(weights_dir).glob("*/card.json")):
         try:
             card = json.loads(card_path.read_text(encoding="utf-8"))
-            if card.get(entry):
-                route = card.get("route") or card_path.parent.name
-                out[(route, str(card.get("name")), str(card.get("version")))] = parse(card)
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            log.warning("%s: %s not usable (%s)", card_path, entry, error)
+            out[(card.get("route") or card_path.parent.name, str(card.get("name")), str(card.get("version")))] = card
+        except (OSError, ValueError) as error:
+            log.warning("%s: card not readable (%s)", card_path, error)
     return out
 
 
-def load_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration]:
+def _card_entries(cards: dict[ModelKey, dict], entry: str, parse) -> dict[ModelKey, object]:
+    """Model key -> parse(card) for the cards that have `entry`; one that cannot be parsed is logged and left out."""
+    out = {}
+    for key, card in cards.items():
+        if card.get(entry):
+            try:
+                out[key] = parse(card)
+            except (ValueError, TypeError, KeyError) as error:
+                log.warning("%s %s: %s not usable (%s)", key[1], key[2], entry, error)
+    return out
+
+
+def load_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Calibration]:
     """Model key -> calibration. A card without one (or an untrained network, which has no
     card) gives no image evidence."""
-    return _card_entries(weights_dir, "calibration", lambda card: Calibration.from_json(card["calibration"]))
+    return _card_entries(cards, "calibration", lambda card: Calibration.from_json(card["calibration"]))
 
 
-def load_verification_settings(weights_dir: Path | None) -> dict[tuple[str, str, str], VerificationSettings]:
+def load_verification_settings(cards: dict[ModelKey, dict]) -> dict[ModelKey, VerificationSettings]:
     """Model key -> geometric verification settings (models.verification), for the cards that ask for it."""
-    return _card_entries(weights_dir, "verification", VerificationSettings.from_card)
+    return _card_entries(cards, "verification", VerificationSettings.from_card)
 
 
-def load_cosine_calibrations(weights_dir: Path | None) -> dict[tuple[str, str, str], Calibration | None]:
+def load_cosine_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Calibration | None]:
     """For the cards with verification (whose `calibration` is of cosine + bonus): the calibration of the
     cosine alone (`calibration_cosine`), for pairs that were not checked; None where the card has none."""
-    return _card_entries(weights_dir, "verification", lambda card: Calibration.from_json(card["calibration_cosine"])
+    return _card_entries(cards, "verification", lambda card: Calibration.from_json(card["calibration_cosine"])
                          if card.get("calibration_cosine") else None)
 
 
@@ -109,12 +120,12 @@ class LinkageEngine:
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr)
-        weights_dir = settings.resolve(settings.pipeline.weights_dir)
-        verification = load_verification_settings(weights_dir)
+        cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
+        verification = load_verification_settings(cards)
         check = verification and load_images and cfg.check_image_pairs
         verifier = SeriesVerifier(verification, load_images) if check else None
-        return cls(store, thresholds, load_calibrations(weights_dir), cfg.candidates, cfg.max_birth_date_block,
-                   settings.storage_dir / cfg.index_dir, verifier, load_cosine_calibrations(weights_dir))
+        return cls(store, thresholds, load_calibrations(cards), cfg.candidates, cfg.max_birth_date_block,
+                   settings.storage_dir / cfg.index_dir, verifier, load_cosine_calibrations(cards))
 
     # ----- the work list ---------------------------------------------------------------
 
@@ -255,7 +266,7 @@ class LinkageEngine:
                                          f"{a.model_key[1]} {a.model_key[2]}", bonus))
         return pairs
 
-    def _calibration(self, model_key: tuple[str, str, str], bonus: float | None) -> Calibration | None:
+    def _calibration(self, model_key: ModelKey, bonus: float | None) -> Calibration | None:
         """The calibration of the score at hand. A card with verification is calibrated on cosine + bonus;
         a pair left unchecked (checks off, images unreadable) takes the card's cosine calibration, or gives
         no image evidence where the card has none, rather than a cosine read on the wrong scale."""
