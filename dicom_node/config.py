@@ -123,6 +123,9 @@ class LinkageSettings(_Section):
     # (models/verification.py; reads the compared series' images again). Off: the cosine
     # alone, with the card's cosine calibration, e.g. while a whole archive is imported.
     check_image_pairs: bool = True
+    # Keep the checked series' image features on disk (under index_dir), so restarts and series
+    # that left the memory cache do not read and describe their images again.
+    keep_check_features: bool = True
 
 
 class WebSettings(_Section):

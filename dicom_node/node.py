@@ -44,14 +44,34 @@ def make_linker(settings: Settings, engine: Engine):
         return None
     from db.links import LinkStore
     from linkage.engine import LinkageEngine
-    store, storage_dir = IdentityStore(engine), settings.storage_dir
+    series = StoredSeriesFiles(IdentityStore(engine), settings.storage_dir)
+    return LinkageEngine.from_settings(LinkStore(engine), settings, series.images, series.fingerprint)
 
-    def series_images(series_pk: int) -> list:
-        """A stored series' 2D images through the pipeline's loader (geometric verification reads them)."""
+
+class StoredSeriesFiles:
+    """A stored series' files as geometric verification reads them (linkage's I/O edge)."""
+
+    def __init__(self, store: IdentityStore, storage_dir) -> None:
+        self.store, self.storage_dir = store, storage_dir
+
+    def images(self, series_pk: int) -> list:
+        """The series' 2D images through the pipeline's loader."""
         from models.loading import load_series
-        found = store.series_files(series_pk)
-        return load_series([storage_dir / p for p in found[1]]).images if found and found[1] else []
-    return LinkageEngine.from_settings(LinkStore(engine), settings, series_images)
+        found = self.store.series_files(series_pk)
+        return load_series([self.storage_dir / p for p in found[1]]).images if found and found[1] else []
+
+    def fingerprint(self, series_pk: int) -> str | None:
+        """Changes when an instance is added to the series or a file is replaced (path, size, mtime), so
+        kept verification features of the old files are not used; None for a series without files."""
+        import hashlib
+        found = self.store.series_files(series_pk)
+        if not found or not found[1]:
+            return None
+        digest = hashlib.sha256()
+        for relative in found[1]:
+            stat = (self.storage_dir / relative).stat()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 def make_worker(settings: Settings, engine: Engine, linker=None):

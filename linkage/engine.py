@@ -32,6 +32,7 @@ from linkage.evidence import MatchWeights
 from linkage.search import CandidateIndex
 from models.calibration import Calibration
 from models.verification import SeriesVerifier, VerificationSettings
+from models.verification_files import FeatureFolder
 
 log = logging.getLogger("linkage.engine")
 
@@ -114,18 +115,23 @@ class LinkageEngine:
         self._busy = threading.Lock()
 
     @classmethod
-    def from_settings(cls, store: LinkStore, settings, load_images=None) -> LinkageEngine:
+    def from_settings(cls, store: LinkStore, settings, load_images=None, fingerprint=None) -> LinkageEngine:
         """`load_images(series_pk)`: a stored series' 2D images, for the models with geometric verification
-        (used when `linkage.check_image_pairs` is on)."""
+        (used when `linkage.check_image_pairs` is on); `fingerprint(series_pk)`: a string that changes with
+        the series' files, so their verification features can be kept on disk (`linkage.keep_check_features`)."""
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr)
         cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
         verification = load_verification_settings(cards)
-        check = verification and load_images and cfg.check_image_pairs
-        verifier = SeriesVerifier(verification, load_images) if check else None
+        index_dir = settings.storage_dir / cfg.index_dir
+        verifier = None
+        if verification and load_images and cfg.check_image_pairs:
+            folder = (FeatureFolder(index_dir / "check-features", settings.storage.min_free_bytes)
+                      if fingerprint and cfg.keep_check_features else None)
+            verifier = SeriesVerifier(verification, load_images, folder=folder, fingerprint=fingerprint)
         return cls(store, thresholds, load_calibrations(cards), cfg.candidates, cfg.max_birth_date_block,
-                   settings.storage_dir / cfg.index_dir, verifier, load_cosine_calibrations(cards))
+                   index_dir, verifier, load_cosine_calibrations(cards))
 
     # ----- the work list ---------------------------------------------------------------
 

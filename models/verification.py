@@ -88,8 +88,17 @@ def gray_uint8(image) -> np.ndarray:
     return np.rint(255 * (a - low) / max(high - low, 1e-6)).astype(np.uint8)
 
 
-def prepare(image, s: VerificationSettings) -> ImageFeatures:
-    """Keypoints, descriptors and the high-passed image of one 2D image in [0, 1]."""
+@dataclass
+class KeptFeatures:
+    """What is worth keeping of one image (models/verification_files.py writes it to disk): the rest of
+    ImageFeatures follows from it in a few milliseconds, while reading the series and SIFT take ~0.1 s."""
+    equalized: np.ndarray            # (H, W) uint8, long side `size`, CLAHE-equalized
+    points: np.ndarray               # (K, 2) float32
+    descriptors: np.ndarray | None   # (K, 128) uint8 (None: no keypoints)
+
+
+def describe(image, s: VerificationSettings) -> KeptFeatures:
+    """Equalized image, keypoints and descriptors of one 2D image in [0, 1]."""
     cv2 = _cv2()
     gray = gray_uint8(image)
     h, w = gray.shape
@@ -99,11 +108,22 @@ def prepare(image, s: VerificationSettings) -> ImageFeatures:
     equalized = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(resized)
     keypoints, descriptors = cv2.SIFT_create(nfeatures=s.features).detectAndCompute(equalized, None)
     points = np.float32([k.pt for k in keypoints]).reshape(-1, 2)
-    f = equalized.astype(np.float32)
     # OpenCV's SIFT descriptors are whole numbers 0-255 stored as float32: uint8 keeps them exactly in a
     # quarter of the memory (linkage caches the features of hundreds of series)
     compact = descriptors.astype(np.uint8) if descriptors is not None else None
-    return ImageFeatures(points, compact, f - cv2.GaussianBlur(f, (0, 0), s.highpass_sigma))
+    return KeptFeatures(equalized, points, compact)
+
+
+def complete(kept: KeptFeatures, s: VerificationSettings) -> ImageFeatures:
+    """The features `match` compares: the kept ones plus the high-passed image."""
+    cv2 = _cv2()
+    f = kept.equalized.astype(np.float32)
+    return ImageFeatures(kept.points, kept.descriptors, f - cv2.GaussianBlur(f, (0, 0), s.highpass_sigma))
+
+
+def prepare(image, s: VerificationSettings) -> ImageFeatures:
+    """Keypoints, descriptors and the high-passed image of one 2D image in [0, 1]."""
+    return complete(describe(image, s), s)
 
 
 def match(a: ImageFeatures, b: ImageFeatures, s: VerificationSettings) -> tuple[int, float]:
@@ -213,15 +233,20 @@ class SeriesVerifier:
     """The bonus of two stored series, for the models whose card asks for verification.
 
     `load_images(series_pk)` returns a series' 2D images (the I/O, supplied by the node's wiring:
-    stored files through the pipeline's loader). Features and pair bonuses are cached, because
-    the engine compares a patient's series again whenever a new study arrives.
+    stored files through the pipeline's loader). Features and pair bonuses are cached in memory,
+    because the engine compares a patient's series again whenever a new study arrives. With a
+    `folder` (models.verification_files.FeatureFolder) and `fingerprint(series_pk)` (a string that
+    changes when the series' files change), features are also kept on disk, so a series that left
+    the memory cache, or a restart, costs a file read instead of reading and describing its images.
     """
 
     def __init__(self, settings: dict[tuple[str, str, str], VerificationSettings], load_images,
-                 cache_series: int = 256, cache_pairs: int = 65536) -> None:
+                 cache_series: int = 256, cache_pairs: int = 65536, folder=None, fingerprint=None) -> None:
         from collections import OrderedDict
         self.settings = settings
         self.load_images = load_images
+        self.folder = folder if fingerprint is not None else None
+        self.fingerprint = fingerprint
         self._features: OrderedDict = OrderedDict()
         self._pairs: OrderedDict = OrderedDict()
         self._limits = (cache_series, cache_pairs)
@@ -231,11 +256,13 @@ class SeriesVerifier:
         s = self.settings.get(model_key)
         if s is None:
             return None
-        key = (min(a_series_pk, b_series_pk), max(a_series_pk, b_series_pk), s)
+        first, second = sorted((a_series_pk, b_series_pk))
+        key = (first, second, s)
         if key in self._pairs:
             self._pairs.move_to_end(key)
             return self._pairs[key]
-        a, b = self._series_features(a_series_pk, s), self._series_features(b_series_pk, s)
+        # match() is not quite symmetric (ratio test and RANSAC run one way), so one order for every caller
+        a, b = self._series_features(first, s), self._series_features(second, s)
         value = series_bonus(a, b, s) if a and b else None
         _remember(self._pairs, key, value, self._limits[1])
         return value
@@ -245,15 +272,34 @@ class SeriesVerifier:
         if key in self._features:
             self._features.move_to_end(key)
             return self._features[key]
-        try:
-            features = [prepare(image, s) for image in self.load_images(series_pk)[:s.max_images]]
-        except Exception as error:  # noqa: BLE001 - an unreadable series gives no bonus; linking goes on
-            import logging
-            logging.getLogger("models.verification").warning("series pk %d: images not readable for verification "
-                                                             "(%s: %s)", series_pk, type(error).__name__, error)
-            features = []
+        features = [complete(k, s) for k in self._kept_features(series_pk, s)]
         _remember(self._features, key, features, self._limits[0])
         return features
+
+    def _kept_features(self, series_pk: int, s: VerificationSettings) -> list[KeptFeatures]:
+        """From the folder when it holds them for the series' present files, else made (and kept)."""
+        import logging
+        log = logging.getLogger("models.verification")
+        token = None
+        if self.folder is not None:
+            try:
+                token = self.fingerprint(series_pk)
+            except Exception as error:  # noqa: BLE001 - no fingerprint: made in memory only, as without a folder
+                log.warning("series pk %d: no fingerprint for kept features (%s: %s)", series_pk,
+                            type(error).__name__, error)
+        if token:
+            kept = self.folder.load(series_pk, s, token)
+            if kept is not None:
+                return kept
+        try:
+            kept = [describe(image, s) for image in self.load_images(series_pk)[:s.max_images]]
+        except Exception as error:  # noqa: BLE001 - an unreadable series gives no bonus; linking goes on
+            log.warning("series pk %d: images not readable for verification (%s: %s)", series_pk,
+                        type(error).__name__, error)
+            return []
+        if token and kept:
+            self.folder.save(series_pk, s, token, kept)
+        return kept
 
 
 def _remember(cache, key, value, limit: int) -> None:

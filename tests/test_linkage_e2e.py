@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory) -> dict:
+def run(tmp_path_factory) -> tuple[dict, Path]:
+    """(the links scored against truth.json, the node's storage folder)."""
     storescu = need("storescu")
     work = tmp_path_factory.mktemp("e2e")
     cohort = work / "cohort"
@@ -54,7 +55,19 @@ def scored(tmp_path_factory) -> dict:
     assert listed.returncode == 0, listed.stderr
     result = score(json.loads(listed.stdout), truth)
     print("\n" + format_report(result))          # shown with -rP / on failure: the confusion of link kinds
-    return result
+    return result, Path(config["storage"]["dir"])
+
+
+@pytest.fixture(scope="module")
+def scored(run) -> dict:
+    return run[0]
+
+
+def test_checked_series_keep_their_image_features_on_disk(run):
+    """Linkage checked dermoscopy and chest X-ray pairs and kept each compared series' features, so a
+    restart does not read and describe those images again (models/verification_files.py)."""
+    kept = list((run[1] / "linkage-index" / "check-features").rglob("*.npz"))
+    assert len(kept) >= 10, kept
 
 
 def test_flags_are_precise_and_of_the_right_kind(scored):

@@ -186,7 +186,17 @@ def test_check_image_pairs_off_builds_no_verifier(tmp_path):
     for on in (True, False):
         settings = settings_from_dict({"storage": {"dir": str(tmp_path / "s")},
                                        "pipeline": {"weights_dir": str(tmp_path / "weights")},
-                                       "linkage": {"check_image_pairs": on}}, tmp_path)
-        engine = LinkageEngine.from_settings(None, settings, load_images=lambda pk: [])
+                                       "linkage": {"check_image_pairs": on, "keep_check_features": on}}, tmp_path)
+        engine = LinkageEngine.from_settings(None, settings, load_images=lambda pk: [], fingerprint=str)
         assert (engine.verifier is not None) is on
         assert engine.cosine_calibrations[("chest_xr", "n", "v")].a == 20.0
+    kept = settings_from_dict({"storage": {"dir": str(tmp_path / "s")}, "pipeline": {"weights_dir": str(tmp_path / "weights")},
+                               "linkage": {"keep_check_features": False}}, tmp_path)
+    assert LinkageEngine.from_settings(None, kept, lambda pk: [], str).verifier.folder is None
+    assert engine_folder(LinkageEngine.from_settings(None, settings_from_dict(
+        {"storage": {"dir": str(tmp_path / "s")}, "pipeline": {"weights_dir": str(tmp_path / "weights")}}, tmp_path),
+        lambda pk: [], str)) == tmp_path / "s" / "linkage-index" / "check-features"
+
+
+def engine_folder(engine):
+    return engine.verifier.folder.root
