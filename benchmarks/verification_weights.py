@@ -15,6 +15,7 @@ Use selection cohorts only: settings chosen on the held-out sets would flatter t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import replace
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", type=Path, action="append", required=True)
     ap.add_argument("--weights-dir", type=Path, default=Path("models/weights"))
     ap.add_argument("--sigma", type=float, nargs="+", default=[6.0])
+    ap.add_argument("--size", type=int, nargs="+", help="long sides of the compared images (default the card's)")
+    ap.add_argument("--features", type=int, nargs="+", help="SIFT keypoints per image at most (default the card's)")
+    ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(INLIER_WEIGHTS))
+    ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(NCC_WEIGHTS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
@@ -53,16 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     for manifest in args.manifest:
         cosine, codes, rows = scored_cosines(args.route, manifest, args.weights_dir, card)
-        print(f"{'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} {'AUC':>7s}")
-        for sigma in args.sigma:
-            s = replace(base, highpass_sigma=sigma)
+        print(f"{'size':>5s} {'feat':>5s} {'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} {'AUC':>7s}")
+        for size, features, sigma in itertools.product(args.size or [base.size], args.features or [base.features],
+                                                       args.sigma):
+            s = replace(base, size=size, features=features, highpass_sigma=sigma)
             m = first_image_matches(manifest_features(rows, args.route, s), s)
-            for wi in INLIER_WEIGHTS:
-                for wn in NCC_WEIGHTS:
+            for wi in args.inlier_weights:
+                for wn in args.ncc_weights:
                     r = scores(cosine + wi * np.log1p(m[..., 0]) + wn * m[..., 1], codes)
-                    out.setdefault(str(manifest), []).append({"sigma": sigma, "weight_inliers": wi,
-                                                              "weight_ncc": wn, **r})
-                    print(f"{sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}")
+                    out.setdefault(str(manifest), []).append({"size": size, "features": features, "sigma": sigma,
+                                                              "weight_inliers": wi, "weight_ncc": wn, **r})
+                    print(f"{size:5d} {features:5d} {sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} "
+                          f"{r['roc_auc']:7.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -135,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         report = E.evaluate_db(args.route, settings.database_url, weights, settings.database.sqlite_synchronous,
                                storage_dir=settings.storage_dir, all_patients=args.all_patients,
-                               recompute=args.recompute, progress=sys.stderr.isatty())
+                               recompute=args.recompute, progress=sys.stderr.isatty(),
+                               max_checked_series=args.max_checked_series)
     if args.update_card:
         if args.all_patients:
             print("dicom-node evaluate: --update-card scores held-out patients only; drop --all-patients",
@@ -238,6 +239,9 @@ def add_subcommands(subparsers) -> None:
     ev.add_argument("--update-card", metavar="DATASET",
                     help="record the model's metrics in its card under metrics.heldout.DATASET and refit the "
                          "card's calibration on these pairs (only for patients the model never trained on)")
+    ev.add_argument("--max-checked-series", type=int, default=600, metavar="N",
+                    help="--from-db with a card that checks image pairs: score at most N series (whole patients "
+                         "drawn at random), since every pair's images are matched (default 600)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(handler=cmd_evaluate)
 

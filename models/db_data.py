@@ -94,6 +94,23 @@ def random_subset(items: list, limit: int | None, seed: int = 0) -> list:
     return [items[i] for i in keep]
 
 
+def patients_up_to(labels: list[str], limit: int) -> list[int]:
+    """Indices of the examples of whole patients, drawn in a random order (seed 0) while the total stays
+    within `limit` (all when there are no more); sorted."""
+    if len(labels) <= limit:
+        return list(range(len(labels)))
+    by_patient: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_patient.setdefault(label, []).append(i)
+    names = sorted(by_patient)
+    chosen: list[int] = []
+    for k in np.random.default_rng(0).permutation(len(names)):
+        members = by_patient[names[k]]
+        if len(chosen) + len(members) <= limit:
+            chosen += members
+    return sorted(chosen)
+
+
 def load_examples(route: str, database_url: str, storage_dir: Path, geometry: dict | None,
                   sqlite_synchronous: str = "FULL", progress: bool = False,
                   patients: set[str] | None = None, workers: int = 0,
@@ -117,7 +134,7 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
         except (SeriesError, RuntimeError, ValueError) as error:
             return f"series {s['series_pk']} skipped: {error}"
 
-    images, owner, labels, skipped = [], [], [], 0
+    images, owner, labels, pks, skipped = [], [], [], [], 0
     for s, arrays in zip(series, _map_in_workers(normalized, series, workers, progress, f"load {route}")):
         if isinstance(arrays, str):
             skipped += 1
@@ -126,10 +143,11 @@ def load_examples(route: str, database_url: str, storage_dir: Path, geometry: di
         images += arrays
         owner += [len(labels)] * len(arrays)
         labels.append(s["label"])
+        pks.append(s["series_pk"])
     if not labels:
         raise ValueError(f"no usable processed series of route {route} in the database")
     info = {"database": redact_url(database_url), "route": route, "series": len(labels), "images": len(images),
-            "skipped_series": skipped, "available_series": available,
+            "skipped_series": skipped, "available_series": available, "series_pks": pks,
             "label": "issuer|Patient ID as stored (noisy labels by design)"}
     return Examples(np.stack(images), np.asarray(owner), labels), info
 

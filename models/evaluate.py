@@ -24,8 +24,10 @@ refits the card's calibration on these pairs.
 Geometric verification: when the card has a "verification" entry (models.verification), a
 manifest's pairs are scored cosine + bonus over every pair of examples ("model"; 10-25 ms per
 pair on one core, pairs spread over all cores, so minutes for a few hundred images), next to the cosine alone
-("embedding only"); that is the score the card's calibration is of. From the database only
-cosines are scored, and the report says so.
+("embedding only"); that is the score the card's calibration is of. From the database the same,
+with each series' images read from the storage folder through the pipeline's loader (at most
+`max_checked_series` series, whole patients drawn at random with a fixed seed, since the pairs
+grow with the square); without a storage folder only cosines are scored, and the report says so.
 
 Output folder: metrics.json (model, baseline "pixel-cosine" = cosine of 32 x 32 area-downsampled,
 zero-mean pixels of the same normalized input, 16^3 for volumes), roc.png, cmc.png, scores.png.
@@ -162,14 +164,15 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
 
 def db_embeddings(route: str, database_url: str, sqlite_synchronous: str = "FULL",
                   model_name: str | None = None, model_version: str | None = None):
-    """(vectors (N, dim), labels issuer|patient_id, version used, note) from the stored embeddings."""
+    """(vectors (N, dim), labels issuer|patient_id, version used, note, series pks) from the stored embeddings."""
     from sqlalchemy import select
 
     from db.engine import make_engine, make_sessionmaker
     from db.models import Embedding, Patient, Series, Study
     engine = make_engine(database_url, sqlite_synchronous)
     with make_sessionmaker(engine)() as session:
-        q = (select(Embedding.vector, Embedding.model_name, Embedding.model_version, Patient.issuer, Patient.patient_id)
+        q = (select(Embedding.vector, Embedding.model_name, Embedding.model_version, Patient.issuer, Patient.patient_id,
+                    Embedding.series_pk)
              .join(Series, Embedding.series_pk == Series.id).join(Study, Series.study_pk == Study.id)
              .join(Patient, Study.patient_pk == Patient.id).where(Embedding.route == route))
         rows = session.execute(q).all()
@@ -186,12 +189,12 @@ def db_embeddings(route: str, database_url: str, sqlite_synchronous: str = "FULL
     rows = [r for r in rows if (r[1], r[2]) == used]
     vectors = np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows])
     labels = [f"{r[3] or ''}|{r[4]}" for r in rows]
-    return vectors, labels, {"name": used[0], "version": used[1]}, note
+    return vectors, labels, {"name": used[0], "version": used[1]}, note, [int(r[5]) for r in rows]
 
 
 def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_synchronous: str = "FULL",
                 storage_dir: Path | None = None, all_patients: bool = False, recompute: bool = False,
-                progress: bool = False) -> dict:
+                progress: bool = False, max_checked_series: int = 600) -> dict:
     """Score the archive's series of `route`, labelled by issuer|Patient ID.
 
     Stored embeddings of the current registry model are used when present (else, without a
@@ -202,8 +205,9 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
     (card training_data.database), only the card's validation patients are scored.
     """
     from models.adaptation import adaptation_note, archive_source
-    from models.db_data import embed_examples, load_examples, pixel_embeddings, redact_url
+    from models.db_data import embed_examples, load_examples, patients_up_to, pixel_embeddings, redact_url
     from models.networks import load_identity_model
+    from models.verification import VerificationSettings, archive_features, pairwise_bonus
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
     keep, selection = None, "all patients of the archive"
     trained_on = (model.card.get("training_data") or {}).get("database")
@@ -221,10 +225,11 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
             stored = None
     results = {}
     if stored:
-        vectors, labels, used, note = stored
+        vectors, labels, used, note, series_pks = stored
         if keep is not None:
             mask = np.array([lab in keep for lab in labels])
             vectors, labels = vectors[mask], [lab for lab, m in zip(labels, mask) if m]
+            series_pks = [pk for pk, m in zip(series_pks, mask) if m]
         source = {"database": "stored embeddings", "selection": f"{note}; {selection}"}
     else:
         if storage_dir is None:
@@ -234,15 +239,35 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
         ex, info = load_examples(route, database_url, storage_dir, geometry, sqlite_synchronous, progress, keep)
         vectors, labels, used = embed_examples(model.net, ex, torch.device("cpu"), views=model.views), ex.labels, \
             {"name": model.name, "version": model.version}
-        results["pixel-cosine"] = M.identity_metrics(pixel_embeddings(ex), labels, with_pml=False, curves=True)
+        series_pks = info["series_pks"]
+        pixels = pixel_embeddings(ex)
         source = {"database": "series embedded now with the current model", "selection": selection,
                   "input": geometry, "series": info["series"], "skipped_series": info["skipped_series"]}
-    results = {"model": M.identity_metrics(vectors, labels, curves=True), **results}
-    calibration = model.card.get("calibration") if used == {"name": model.name, "version": model.version} else None
-    if model.card.get("verification"):
-        # the card's calibration is of cosine + bonus, which needs the images of every pair: not done here
-        source["verification"] = "not applied: these scores are cosines of the stored embeddings alone"
-        calibration = None
+    current = used == {"name": model.name, "version": model.version}
+    calibration = model.card.get("calibration") if current else None
+    verification = VerificationSettings.from_card(model.card)
+    if verification and current and storage_dir is not None:
+        # the card's calibration is of cosine + bonus: the pairs are checked on the series' stored images
+        chosen = patients_up_to(labels, max_checked_series)
+        if len(chosen) < len(labels):
+            source["selection"] += (f"; {len(chosen)} of {len(labels)} series checked: whole patients drawn at "
+                                    f"random (seed 0), up to --max-checked-series {max_checked_series}")
+        vectors, labels, series_pks = vectors[chosen], [labels[i] for i in chosen], [series_pks[i] for i in chosen]
+        bonus = pairwise_bonus(archive_features(route, database_url, storage_dir, series_pks, verification,
+                                                sqlite_synchronous), verification, progress=progress)
+        results["model"] = M.identity_metrics(vectors, labels, curves=True, sim=M.similarity(vectors) + bonus)
+        results["embedding only"] = M.identity_metrics(vectors, labels, curves=True)
+        source["verification"] = verification.to_json()
+        if not stored:
+            pixels = pixels[chosen]
+    else:
+        results["model"] = M.identity_metrics(vectors, labels, curves=True)
+        if verification:
+            # the card's calibration is of cosine + bonus, which needs the series' images: not at hand here
+            source["verification"] = "not applied: these scores are cosines of the stored embeddings alone"
+            calibration = None
+    if not stored:
+        results["pixel-cosine"] = M.identity_metrics(pixels, labels, with_pml=False, curves=True)
     return {"route": route, "source": source, "model": used, "results": results, "calibration": calibration}
 
 

@@ -227,6 +227,28 @@ def manifest_features(rows: list[tuple[Path, str]], route: str, s: VerificationS
     return out
 
 
+def archive_features(route: str, database_url: str, storage_dir: Path, series_pks: list[int], s: VerificationSettings,
+                     sqlite_synchronous: str = "FULL") -> list[list[ImageFeatures]]:
+    """Verification features of stored series (their first images, through the pipeline's loader), in
+    `series_pks` order; a series that cannot be read gets none (its pairs: no bonus), with a warning."""
+    import logging
+
+    from models.db_data import stored_series
+    from models.loading import load_series
+    found = {x["series_pk"]: x for x in stored_series(route, database_url, sqlite_synchronous)}
+    out = []
+    for pk in series_pks:
+        x = found.get(pk)
+        try:
+            images = load_series([Path(storage_dir) / p for p in x["paths"]], x["modality"], x["body_part"]).images
+            out.append([prepare(image, s) for image in images[:s.max_images]])
+        except Exception as error:  # noqa: BLE001 - one unreadable series must not end the evaluation
+            logging.getLogger("models.verification").warning(
+                "series pk %s: images not readable for the check (%s: %s)", pk, type(error).__name__, error)
+            out.append([])
+    return out
+
+
 # ---------------------------------------------------------------- stored series (linkage)
 
 class SeriesVerifier:

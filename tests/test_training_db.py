@@ -235,3 +235,36 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
     engine.dispose()
     assert ("chest_ct", card["version"], 8) in versions and not [v for v in versions if v[0] == "chest_ct"
                                                                  and v[1] != card["version"]]
+
+
+def test_evaluate_from_db_checks_image_pairs_when_the_card_asks_and_refits_both_calibrations(archive, tmp_path):
+    """A card with a `verification` block is calibrated on cosine + check: `evaluate --from-db` reads the
+    stored series' images to check every pair, so a site can refit that calibration on its own archive."""
+    from models.evaluate import VERIFIED_SCORE
+    config, _ = archive
+    run = tmp_path / "fundus"
+    assert _train(config, run, "fundus", "--size", "32") == 0
+    weights = tmp_path / "weights"
+    shutil.copytree(run, weights / "fundus", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    card_path = weights / "fundus" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["verification"] = {"size": 160, "features": 400, "weight_inliers": 0.1, "weight_ncc": 0.3}
+    card_path.write_text(json.dumps(card))
+    report = tmp_path / "report.json"
+    args = ["--config", str(config), "evaluate", "--route", "fundus", "--from-db", "--weights-dir", str(weights),
+            "--json", str(report)]
+    assert main([*args, "--update-card", "site-archive"]) == 0
+    r = json.loads(report.read_text())
+    assert r["source"]["verification"]["size"] == 160
+    assert set(r["results"]) == {"model", "embedding only", "pixel-cosine"}
+    model, alone = r["results"]["model"], r["results"]["embedding only"]
+    assert model["images"] == alone["images"] == 4                     # the card's 2 validation patients x 2 visits
+    assert model["roc_auc"] >= alone["roc_auc"] and model["mAP"] >= alone["mAP"]   # each retina matches its own
+    card = json.loads(card_path.read_text())
+    assert card["calibration"]["score"] == VERIFIED_SCORE and "site-archive" in card["calibration"]["fitted_on"]
+    assert "calibration_cosine" in card
+
+    assert main([*args, "--max-checked-series", "2"]) == 0             # whole patients, within the limit
+    r = json.loads(report.read_text())
+    assert r["results"]["model"]["images"] == 2 and "2 of 4 series checked" in r["source"]["selection"]
+    assert r["results"]["pixel-cosine"]["images"] == 2
