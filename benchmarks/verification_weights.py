@@ -5,8 +5,9 @@
         --manifest /tmp/train/man/derm-select302.csv --manifest /tmp/train/man/derm-select303-twins.csv --sigma 6 12
 
 Embeds each manifest with the registry model (`--weights-dir`; the rows `dicom-node evaluate`
-scores), matches every pair of first images once per high-pass sigma (models.verification.match:
-RANSAC inliers and the correlation of the aligned images), then scores
+scores), matches every pair of images once per size, keypoint count and high-pass sigma
+(models.verification.pairwise_matches: RANSAC inliers and the correlation of the aligned images),
+then scores
 cosine + w_inliers * log(1 + inliers) + w_ncc * ncc over a grid of weights with the metrics of
 `evaluate`. Prints Rank-1 / mAP / AUC per manifest and setting; `--json` writes them all.
 Use selection cohorts only: settings chosen on the held-out sets would flatter them.
@@ -28,19 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reranking import scored_cosines, scores  # noqa: E402  (benchmarks is a folder of scripts, not a package)
 
-INLIER_WEIGHTS = (0.0, 0.05, 0.1, 0.2)
-NCC_WEIGHTS = (0.0, 0.1, 0.3, 0.5, 1.0)
-
-
-def first_image_matches(features: list, s) -> np.ndarray:
-    """(N, N, 2): inliers and correlation of every pair of first images."""
-    from models.verification import match, pairwise
-    return pairwise(features, lambda a, b: match(a[0], b[0], s) if a and b else (0, 0.0), progress=True)
+def matches(features: list, s) -> np.ndarray:
+    """(N, N, max_images^2, 2): inliers and correlation of every pair of images of every pair of series."""
+    from models.verification import pairwise_matches
+    return pairwise_matches(features, s, progress=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.evaluate import CHECK_WEIGHT_GRID
     from models.networks import load_identity_model
-    from models.verification import VerificationSettings, manifest_features
+    from models.verification import VerificationSettings, bonus_from_matches, manifest_features
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--route", required=True, choices=("chest_xr", "dermoscopy", "fundus"))
     ap.add_argument("--manifest", type=Path, action="append", required=True)
@@ -48,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sigma", type=float, nargs="+", default=[6.0])
     ap.add_argument("--size", type=int, nargs="+", help="long sides of the compared images (default the card's)")
     ap.add_argument("--features", type=int, nargs="+", help="SIFT keypoints per image at most (default the card's)")
-    ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(INLIER_WEIGHTS))
-    ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(NCC_WEIGHTS))
+    ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_inliers"]))
+    ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_ncc"]))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
@@ -62,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         for size, features, sigma in itertools.product(args.size or [base.size], args.features or [base.features],
                                                        args.sigma):
             s = replace(base, size=size, features=features, highpass_sigma=sigma)
-            m = first_image_matches(manifest_features(rows, args.route, s), s)
+            m = matches(manifest_features(rows, args.route, s), s)
             for wi in args.inlier_weights:
                 for wn in args.ncc_weights:
-                    r = scores(cosine + wi * np.log1p(m[..., 0]) + wn * m[..., 1], codes)
+                    r = scores(cosine + bonus_from_matches(m, wi, wn), codes)
                     out.setdefault(str(manifest), []).append({"size": size, "features": features, "sigma": sigma,
                                                               "weight_inliers": wi, "weight_ncc": wn, **r})
                     print(f"{size:5d} {features:5d} {sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} "

@@ -129,14 +129,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
         report = E.evaluate_manifest(args.route, args.manifest, weights, device, all_patients=args.all_patients,
-                                     progress=sys.stderr.isatty())
+                                     progress=sys.stderr.isatty(), choose_check_weights=args.choose_check_weights)
     else:
         from dicom_node.config import load_settings
         settings = load_settings(args.config)
         report = E.evaluate_db(args.route, settings.database_url, weights, settings.database.sqlite_synchronous,
                                storage_dir=settings.storage_dir, all_patients=args.all_patients,
                                recompute=args.recompute, progress=sys.stderr.isatty(),
-                               max_checked_series=args.max_checked_series)
+                               max_checked_series=args.max_checked_series,
+                               choose_check_weights=args.choose_check_weights)
+    if args.choose_check_weights:
+        if "check_weights" not in report:
+            print(f"dicom-node evaluate: --choose-check-weights: the {args.route} card checks no image pairs "
+                  "(no `verification` block), or their images are not at hand", file=sys.stderr)
+            return 2
+        c = report["check_weights"]
+        print(f"check weights chosen on these pairs: {c['chosen']} (card: {c['card']})"
+              + ("" if args.update_card else "; the card is unchanged without --update-card"))
     if args.update_card:
         if args.all_patients:
             print("dicom-node evaluate: --update-card scores held-out patients only; drop --all-patients",
@@ -242,6 +251,9 @@ def add_subcommands(subparsers) -> None:
     ev.add_argument("--max-checked-series", type=int, default=600, metavar="N",
                     help="--from-db with a card that checks image pairs: score at most N series (whole patients "
                          "drawn at random), since every pair's images are matched (default 600)")
+    ev.add_argument("--choose-check-weights", action="store_true",
+                    help="for a card that checks image pairs: choose the check's weights on these labelled pairs "
+                         "(best mAP over a grid) and score with them; with --update-card they go into the card")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(handler=cmd_evaluate)
 

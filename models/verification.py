@@ -201,7 +201,36 @@ def pairwise(features: list, score, workers: int | None = None, progress: bool =
 def pairwise_bonus(features: list[list[ImageFeatures]], s: VerificationSettings, workers: int | None = None,
                    progress: bool = False) -> np.ndarray:
     """(N, N) symmetric bonus matrix of the series' features, zero diagonal."""
-    return pairwise(features, partial(series_bonus, s=s), workers, progress)
+    return bonus_from_matches(pairwise_matches(features, s, workers, progress), s.weight_inliers, s.weight_ncc)
+
+
+def series_matches(a: list[ImageFeatures], b: list[ImageFeatures], s: VerificationSettings) -> np.ndarray:
+    """(max_images^2, 2): (inliers, correlation) of each pair of the two series' first images, NaN where a
+    series has fewer images; what series_bonus maximizes over, kept so that other weights can be tried."""
+    out = np.full((s.max_images * s.max_images, 2), np.nan)
+    for k, (x, y) in enumerate((x, y) for x in a[:s.max_images] for y in b[:s.max_images]):
+        out[k] = match(x, y, s)
+    return out
+
+
+def pairwise_matches(features: list[list[ImageFeatures]], s: VerificationSettings, workers: int | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """(N, N, max_images^2, 2) series_matches of every pair (mirrored; the diagonal NaN)."""
+    n = len(features)
+    if n < 2:
+        return np.full((n, n, s.max_images * s.max_images, 2), np.nan)
+    out = pairwise(features, partial(series_matches, s=s), workers, progress)
+    out[np.arange(n), np.arange(n)] = np.nan
+    return out
+
+
+def bonus_from_matches(matches: np.ndarray, weight_inliers: float, weight_ncc: float) -> np.ndarray:
+    """(N, N) bonus of pairwise_matches under these weights: the best image pair of each pair of series,
+    0 where there is none (the diagonal, a series without images); equal to series_bonus pair by pair."""
+    inliers, ncc = matches[..., 0], matches[..., 1]
+    bonus = weight_inliers * np.log1p(np.nan_to_num(inliers)) + weight_ncc * np.nan_to_num(ncc)
+    bonus = np.where(np.isnan(inliers), -np.inf, bonus).max(axis=-1)
+    return np.where(np.isfinite(bonus), bonus, 0.0)
 
 
 def _start_methods() -> list[str]:

@@ -163,6 +163,36 @@ def test_evaluate_scores_cosine_plus_the_verification_bonus_when_the_card_asks(t
     assert refit["calibration_cosine"]["a"] != pytest.approx(refit["calibration"]["a"])
 
 
+def test_evaluate_chooses_the_check_weights_on_the_pairs_and_the_card_says_so(trained, tmp_path, capsys):
+    """--choose-check-weights: the grid's best mAP on these pairs is scored, and with --update-card written
+    into the card's verification block, with where it was chosen and the metrics flagged as optimistic."""
+    from models.evaluate import CHECK_WEIGHT_GRID
+    manifest = write_image_manifest(tmp_path / "set")
+    weights = tmp_path / "weights"
+    shutil.copytree(trained, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    args = ["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(weights)]
+    assert main(args + ["--choose-check-weights"]) == 2                  # the card checks no image pairs
+    assert "no `verification` block" in capsys.readouterr().err
+    card_path = weights / "chest_xr" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["verification"] = {"size": 256, "weight_inliers": 0.0, "weight_ncc": 0.0}      # the check counts for nothing
+    card_path.write_text(json.dumps(card))
+    assert main(args + ["--json", str(tmp_path / "off.json")]) == 0
+    assert main(args + ["--json", str(tmp_path / "c.json"), "--choose-check-weights", "--update-card", "site"]) == 0
+    off, chosen = (json.loads((tmp_path / f).read_text()) for f in ("off.json", "c.json"))
+    grid = chosen["check_weights"]["grid"]
+    assert len(grid) == len(CHECK_WEIGHT_GRID["weight_inliers"]) * len(CHECK_WEIGHT_GRID["weight_ncc"])
+    best = max(r["mAP"] for r in grid)
+    assert chosen["results"]["model"]["mAP"] == pytest.approx(best)
+    assert best > off["results"]["model"]["mAP"]                          # the check does help on this anatomy
+    assert chosen["check_weights"]["chosen"] != {"weight_inliers": 0.0, "weight_ncc": 0.0}
+    refit = json.loads(card_path.read_text())
+    assert {k: refit["verification"][k] for k in ("weight_inliers", "weight_ncc")} == chosen["check_weights"]["chosen"]
+    assert refit["verification"]["selected_on"].startswith("site: best mAP")
+    assert refit["metrics"]["heldout"]["site"]["check_weights_chosen_on_these_pairs"] is True
+    assert "check weights chosen on these pairs" in capsys.readouterr().out
+
+
 def test_evaluate_untrained_route_and_bad_arguments(tmp_path):
     manifest = write_image_manifest(tmp_path / "set", patients=3, per=2)
     assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest),

@@ -83,6 +83,25 @@ def test_pairwise_bonus_is_symmetric_and_the_same_in_worker_processes():
         assert serial[i, j] > max(cross)
 
 
+def test_bonus_from_matches_equals_series_bonus_for_any_weights():
+    """The matches kept per image pair give each series pair's best bonus under other weights exactly,
+    series of one or two images and a series without images included."""
+    from dataclasses import replace
+
+    from models.verification import bonus_from_matches, pairwise_matches
+    series = [[prepare(anatomy(60), S), prepare(anatomy(61), S)], [prepare(moved(anatomy(60)), S)],
+              [prepare(anatomy(62), S)], []]
+    matches = pairwise_matches(series, S, workers=1)
+    assert matches.shape == (4, 4, 4, 2) and np.isnan(matches[0, 0]).all()
+    for wi, wn in ((0.1, 0.3), (0.0, 1.0), (0.2, 0.0)):
+        s = replace(S, weight_inliers=wi, weight_ncc=wn)
+        bonus = bonus_from_matches(matches, wi, wn)
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert bonus[i, j] == pytest.approx(series_bonus(series[i], series[j], s), abs=1e-12)
+        assert bonus[3, 0] == 0.0 and np.all(np.diag(bonus) == 0.0)
+
+
 def test_series_verifier_caches_reads_and_survives_unreadable_series():
     reads = []
     images = {1: [anatomy(20)], 2: [moved(anatomy(20))], 3: [anatomy(21)]}
