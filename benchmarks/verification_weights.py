@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sigma", type=float, nargs="+", default=[6.0])
     ap.add_argument("--size", type=int, nargs="+", help="long sides of the compared images (default the card's)")
     ap.add_argument("--features", type=int, nargs="+", help="SIFT keypoints per image at most (default the card's)")
+    ap.add_argument("--root-sift", choices=("card", "both", "on", "off"), default="card",
+                    help="match RootSIFT descriptors: as the card says (default), both ways, on or off")
     ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_inliers"]))
     ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_ncc"]))
     ap.add_argument("--json", type=Path)
@@ -56,18 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     for manifest in args.manifest:
         cosine, codes, rows = scored_cosines(args.route, manifest, args.weights_dir, card)
-        print(f"{'size':>5s} {'feat':>5s} {'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} {'AUC':>7s}")
-        for size, features, sigma in itertools.product(args.size or [base.size], args.features or [base.features],
-                                                       args.sigma):
-            s = replace(base, size=size, features=features, highpass_sigma=sigma)
+        print(f"{'size':>5s} {'feat':>5s} {'root':>4s} {'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} "
+              f"{'AUC':>7s}")
+        root = {"card": [base.root_sift], "both": [False, True], "on": [True], "off": [False]}[args.root_sift]
+        for size, features, sigma, root_sift in itertools.product(args.size or [base.size],
+                                                                  args.features or [base.features], args.sigma, root):
+            s = replace(base, size=size, features=features, highpass_sigma=sigma, root_sift=root_sift)
             m = matches(manifest_features(rows, args.route, s), s)
             for wi in args.inlier_weights:
                 for wn in args.ncc_weights:
                     r = scores(cosine + bonus_from_matches(m, wi, wn), codes)
-                    out.setdefault(str(manifest), []).append({"size": size, "features": features, "sigma": sigma,
-                                                              "weight_inliers": wi, "weight_ncc": wn, **r})
-                    print(f"{size:5d} {features:5d} {sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} "
-                          f"{r['roc_auc']:7.3f}", flush=True)
+                    out.setdefault(str(manifest), []).append({"size": size, "features": features, "root_sift": root_sift,
+                                                              "sigma": sigma, "weight_inliers": wi, "weight_ncc": wn, **r})
+                    print(f"{size:5d} {features:5d} {'on' if root_sift else 'off':>4s} {sigma:6g} {wi:6g} {wn:6g} "
+                          f"{r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

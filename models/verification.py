@@ -42,6 +42,7 @@ class VerificationSettings:
     weight_inliers: float = 0.1
     weight_ncc: float = 0.3
     max_images: int = 2              # images of a series compared (the best pair counts)
+    root_sift: bool = False          # match RootSIFT (Arandjelovic & Zisserman 2012): L1-normalized, square-rooted
 
     @classmethod
     def from_card(cls, card: dict | None) -> VerificationSettings | None:
@@ -131,8 +132,7 @@ def match(a: ImageFeatures, b: ImageFeatures, s: VerificationSettings) -> tuple[
     cv2 = _cv2()
     if a.descriptors is None or b.descriptors is None or len(a.points) < 3 or len(b.points) < 3:
         return 0, 0.0
-    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors.astype(np.float32),
-                                                b.descriptors.astype(np.float32), k=2)
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(_matched(a.descriptors, s), _matched(b.descriptors, s), k=2)
     good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < s.ratio * n.distance]
     if len(good) < 4:
         return 0, 0.0
@@ -151,6 +151,13 @@ def match(a: ImageFeatures, b: ImageFeatures, s: VerificationSettings) -> tuple[
     x, y = warped[overlap], b.highpass[overlap]
     x, y = x - x.mean(), y - y.mean()
     return count, float((x * y).sum() / (math.sqrt(float((x * x).sum()) * float((y * y).sum())) + 1e-6))
+
+
+def _matched(descriptors: np.ndarray, s: VerificationSettings) -> np.ndarray:
+    d = descriptors.astype(np.float32)
+    if s.root_sift:             # Euclidean distance of RootSIFT = Hellinger distance of the SIFT histograms
+        d = np.sqrt(d / (d.sum(axis=1, keepdims=True) + 1e-7))
+    return d
 
 
 def series_bonus(a: list[ImageFeatures], b: list[ImageFeatures], s: VerificationSettings) -> float:
