@@ -53,6 +53,16 @@ def test_the_same_anatomy_moved_matches_and_another_does_not():
     assert S.bonus(same_inliers, same_ncc) > S.bonus(other_inliers, other_ncc) + 0.3
 
 
+def test_rootsift_matching_is_a_card_setting_and_still_tells_the_same_anatomy_apart():
+    from dataclasses import replace
+    root = VerificationSettings.from_card({"verification": {"size": 256, "features": 500, "root_sift": True}})
+    assert root == replace(S, root_sift=True)
+    a = anatomy(7)
+    same, other = match(prepare(a, root), prepare(moved(a), root), root), match(prepare(a, root), prepare(anatomy(8), root), root)
+    assert same[0] > 3 * max(other[0], 1) and same[1] > other[1] + 0.3
+    assert same != match(prepare(a, S), prepare(moved(a), S), S)          # the descriptors are compared otherwise
+
+
 def test_colour_images_and_dim_images_are_compared_as_stretched_gray():
     a = anatomy(3)
     rgb = np.stack([a, 0.5 * a, 0.25 * a])                  # (C, H, W), as the loader gives colour routes
