@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -117,6 +118,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_checks_pairs(weights: Path, route: str) -> bool:
+    """Whether the route's card asks for the image check, read before minutes of scoring are spent."""
+    card = Path(weights) / route / "card.json"
+    try:
+        return bool(json.loads(card.read_text(encoding="utf-8")).get("verification"))
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -125,6 +135,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("dicom-node evaluate: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
         return 2
     weights = _weights_dir(args)
+    if args.choose_check_weights and not _card_checks_pairs(weights, args.route):
+        print(f"dicom-node evaluate: --choose-check-weights: the {args.route} card checks no image pairs "
+              "(no `verification` block)", file=sys.stderr)
+        return 2
     if args.manifest:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
@@ -140,8 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                choose_check_weights=args.choose_check_weights)
     if args.choose_check_weights:
         if "check_weights" not in report:
-            print(f"dicom-node evaluate: --choose-check-weights: the {args.route} card checks no image pairs "
-                  "(no `verification` block), or their images are not at hand", file=sys.stderr)
+            print("dicom-node evaluate: --choose-check-weights: the series' images are not at hand (stored "
+                  "embeddings of another model, or no storage folder)", file=sys.stderr)
             return 2
         c = report["check_weights"]
         print(f"check weights chosen on these pairs: {c['chosen']} (card: {c['card']})"

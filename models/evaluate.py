@@ -180,13 +180,11 @@ def checked_results(vectors: np.ndarray, labels: list[str], features: list, s, r
     matches = pairwise_matches(features, s, progress=progress)
     cosine = M.similarity(vectors)
     if choose:
-        codes, grid = M.encode_labels(labels), []
+        grid = []
         for wi in CHECK_WEIGHT_GRID["weight_inliers"]:
             for wn in CHECK_WEIGHT_GRID["weight_ncc"]:
-                sim = cosine + bonus_from_matches(matches, wi, wn)
-                ranked, (genuine, impostor) = M.retrieval(sim, codes), M.pair_scores(sim, codes)
-                grid.append({"weight_inliers": wi, "weight_ncc": wn, "rank1": ranked["rank1"], "mAP": ranked["mAP"],
-                             "roc_auc": M.roc_auc(genuine, impostor)})
+                r = M.identity_metrics(vectors, labels, sim=cosine + bonus_from_matches(matches, wi, wn))
+                grid.append({"weight_inliers": wi, "weight_ncc": wn, **{k: r[k] for k in ("rank1", "mAP", "roc_auc")}})
         card_weights = (s.weight_inliers, s.weight_ncc)
         best = max(grid, key=lambda r: (round(r["mAP"], 12), (r["weight_inliers"], r["weight_ncc"]) == card_weights))
         report["check_weights"] = {"card": dict(zip(("weight_inliers", "weight_ncc"), card_weights)),

@@ -22,6 +22,7 @@ no library combines an embedding with a geometric check of the images.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +30,8 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("models.verification")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,12 @@ class VerificationSettings:
         return asdict(self)
 
     def bonus(self, inliers: int, ncc: float) -> float:
-        return self.weight_inliers * math.log1p(inliers) + self.weight_ncc * ncc
+        return float(weighted_bonus(inliers, ncc, self.weight_inliers, self.weight_ncc))
+
+
+def weighted_bonus(inliers, ncc, weight_inliers: float, weight_ncc: float):
+    """The bonus formula, for one pair or arrays of them."""
+    return weight_inliers * np.log1p(inliers) + weight_ncc * ncc
 
 
 @dataclass
@@ -161,8 +169,8 @@ def _matched(descriptors: np.ndarray, s: VerificationSettings) -> np.ndarray:
 
 
 def series_bonus(a: list[ImageFeatures], b: list[ImageFeatures], s: VerificationSettings) -> float:
-    """The best bonus over the first `max_images` images of each series."""
-    return max((s.bonus(*match(x, y, s)) for x in a[:s.max_images] for y in b[:s.max_images]), default=0.0)
+    """The best bonus over the first `max_images` images of each series (0 when one has none)."""
+    return float(bonus_from_matches(series_matches(a, b, s), s.weight_inliers, s.weight_ncc))
 
 
 # ---------------------------------------------------------------- every pair of a scored set (evaluate)
@@ -235,7 +243,7 @@ def bonus_from_matches(matches: np.ndarray, weight_inliers: float, weight_ncc: f
     """(N, N) bonus of pairwise_matches under these weights: the best image pair of each pair of series,
     0 where there is none (the diagonal, a series without images); equal to series_bonus pair by pair."""
     inliers, ncc = matches[..., 0], matches[..., 1]
-    bonus = weight_inliers * np.log1p(np.nan_to_num(inliers)) + weight_ncc * np.nan_to_num(ncc)
+    bonus = weighted_bonus(np.nan_to_num(inliers), np.nan_to_num(ncc), weight_inliers, weight_ncc)
     bonus = np.where(np.isnan(inliers), -np.inf, bonus).max(axis=-1)
     return np.where(np.isfinite(bonus), bonus, 0.0)
 
@@ -267,8 +275,6 @@ def archive_features(route: str, database_url: str, storage_dir: Path, series_pk
                      sqlite_synchronous: str = "FULL") -> list[list[ImageFeatures]]:
     """Verification features of stored series (their first images, through the pipeline's loader), in
     `series_pks` order; a series that cannot be read gets none (its pairs: no bonus), with a warning."""
-    import logging
-
     from models.db_data import stored_series
     from models.loading import load_series
     found = {x["series_pk"]: x for x in stored_series(route, database_url, sqlite_synchronous)}
@@ -279,8 +285,7 @@ def archive_features(route: str, database_url: str, storage_dir: Path, series_pk
             images = load_series([Path(storage_dir) / p for p in x["paths"]], x["modality"], x["body_part"]).images
             out.append([prepare(image, s) for image in images[:s.max_images]])
         except Exception as error:  # noqa: BLE001 - one unreadable series must not end the evaluation
-            logging.getLogger("models.verification").warning(
-                "series pk %s: images not readable for the check (%s: %s)", pk, type(error).__name__, error)
+            log.warning("series pk %s: images not readable for the check (%s: %s)", pk, type(error).__name__, error)
             out.append([])
     return out
 
@@ -336,8 +341,6 @@ class SeriesVerifier:
 
     def _kept_features(self, series_pk: int, s: VerificationSettings) -> list[KeptFeatures]:
         """From the folder when it holds them for the series' present files, else made (and kept)."""
-        import logging
-        log = logging.getLogger("models.verification")
         token = None
         if self.folder is not None:
             try:
