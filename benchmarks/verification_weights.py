@@ -5,7 +5,8 @@
         --manifest /tmp/train/man/derm-select302.csv --manifest /tmp/train/man/derm-select303-twins.csv --sigma 6 12
 
 Embeds each manifest with the registry model (`--weights-dir`; the rows `dicom-node evaluate`
-scores), matches every pair of images once per size, keypoint count and high-pass sigma
+scores), matches every pair of images once per size, keypoint count, high-pass sigma, descriptor
+(SIFT or RootSIFT), fitted transform (`--transform`) and ECC refinement (`--refine`)
 (models.verification.pairwise_matches: RANSAC inliers and the correlation of the aligned images),
 then scores
 cosine + w_inliers * log(1 + inliers) + w_ncc * ncc over a grid of weights with the metrics of
@@ -35,10 +36,23 @@ def matches(features: list, s) -> np.ndarray:
     return pairwise_matches(features, s, progress=True)
 
 
+def settings_matches(rows: list, args, base, root: list[bool]):
+    """(settings, matches) for every combination asked for; images described once per size, count and sigma."""
+    from models.verification import manifest_features
+    for size, features, sigma in itertools.product(args.size or [base.size], args.features or [base.features],
+                                                   args.sigma):
+        described = manifest_features(rows, args.route, replace(base, size=size, features=features, highpass_sigma=sigma))
+        for root_sift, fit, refine in itertools.product(root, args.transform or [base.transform],
+                                                        args.refine or [base.refine_iterations]):
+            s = replace(base, size=size, features=features, highpass_sigma=sigma, root_sift=root_sift, transform=fit,
+                        refine_iterations=refine)
+            yield s, matches(described, s)
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.evaluate import CHECK_WEIGHT_GRID
     from models.networks import load_identity_model
-    from models.verification import VerificationSettings, bonus_from_matches, manifest_features
+    from models.verification import TRANSFORMS, VerificationSettings, bonus_from_matches
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--route", required=True, choices=("chest_xr", "dermoscopy", "fundus"))
     ap.add_argument("--manifest", type=Path, action="append", required=True)
@@ -48,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=int, nargs="+", help="SIFT keypoints per image at most (default the card's)")
     ap.add_argument("--root-sift", choices=("card", "both", "on", "off"), default="card",
                     help="match RootSIFT descriptors: as the card says (default), both ways, on or off")
+    ap.add_argument("--transform", nargs="+", choices=TRANSFORMS,
+                    help="what RANSAC fits (default the card's)")
+    ap.add_argument("--refine", type=int, nargs="+", help="ECC refinement iterations, 0 for none (default the card's)")
     ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_inliers"]))
     ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_ncc"]))
     ap.add_argument("--json", type=Path)
@@ -58,20 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     for manifest in args.manifest:
         cosine, codes, rows = scored_cosines(args.route, manifest, args.weights_dir, card)
-        print(f"{'size':>5s} {'feat':>5s} {'root':>4s} {'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} "
+        print(f"{'size':>5s} {'feat':>5s} {'root':>4s} {'fit':>14s} {'sigma':>6s} {'w_inl':>6s} {'w_ncc':>6s} {'Rank-1':>7s} {'mAP':>7s} "
               f"{'AUC':>7s}")
         root = {"card": [base.root_sift], "both": [False, True], "on": [True], "off": [False]}[args.root_sift]
-        for size, features, sigma, root_sift in itertools.product(args.size or [base.size],
-                                                                  args.features or [base.features], args.sigma, root):
-            s = replace(base, size=size, features=features, highpass_sigma=sigma, root_sift=root_sift)
-            m = matches(manifest_features(rows, args.route, s), s)
+        for s, m in settings_matches(rows, args, base, root):
             for wi in args.inlier_weights:
                 for wn in args.ncc_weights:
                     r = scores(cosine + bonus_from_matches(m, wi, wn), codes)
-                    out.setdefault(str(manifest), []).append({"size": size, "features": features, "root_sift": root_sift,
-                                                              "sigma": sigma, "weight_inliers": wi, "weight_ncc": wn, **r})
-                    print(f"{size:5d} {features:5d} {'on' if root_sift else 'off':>4s} {sigma:6g} {wi:6g} {wn:6g} "
-                          f"{r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}", flush=True)
+                    out.setdefault(str(manifest), []).append({
+                        "size": s.size, "features": s.features, "root_sift": s.root_sift, "transform": s.transform,
+                        "refine_iterations": s.refine_iterations, "sigma": s.highpass_sigma, "weight_inliers": wi,
+                        "weight_ncc": wn, **r})
+                    fit = s.transform + ("+ecc" if s.refine_iterations else "")
+                    print(f"{s.size:5d} {s.features:5d} {'on' if s.root_sift else 'off':>4s} {fit:>14s} "
+                          f"{s.highpass_sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}",
+                          flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

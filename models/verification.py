@@ -6,8 +6,9 @@ looks at the images themselves separates many of them. For a pair of images:
 
 1. SIFT keypoints of both (gray, long side `size` pixels, CLAHE-equalized), matched with
    Lowe's ratio test;
-2. a similarity transform (rotation, scale, shift) fitted to the matches with RANSAC; its
-   inlier count is the first measure;
+2. a transform fitted to the matches with RANSAC (the card's `transform`: a similarity, i.e.
+   rotation, scale and shift, or an affine one, which also undoes an uneven stretch, or a
+   homography); its inlier count is the first measure;
 3. one image warped onto the other with that transform, and the normalized cross-correlation
    of the two high-passed images over their overlap is the second.
 
@@ -34,6 +35,9 @@ import numpy as np
 log = logging.getLogger("models.verification")
 
 
+TRANSFORMS = ("similarity", "affine", "homography")
+
+
 @dataclass(frozen=True)
 class VerificationSettings:
     size: int = 512                  # long side of the compared images, pixels
@@ -46,6 +50,12 @@ class VerificationSettings:
     weight_ncc: float = 0.3
     max_images: int = 2              # images of a series compared (the best pair counts)
     root_sift: bool = False          # match RootSIFT (Arandjelovic & Zisserman 2012): L1-normalized, square-rooted
+    transform: str = "similarity"    # what RANSAC fits: "similarity" (turn, scale, shift), "affine" or "homography"
+    refine_iterations: int = 0       # >0: the fitted transform refined by ECC (maximizes the correlation itself)
+
+    def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown verification transform {self.transform!r}: one of {', '.join(TRANSFORMS)}")
 
     @classmethod
     def from_card(cls, card: dict | None) -> VerificationSettings | None:
@@ -146,19 +156,51 @@ def match(a: ImageFeatures, b: ImageFeatures, s: VerificationSettings) -> tuple[
         return 0, 0.0
     src = a.points[[m.queryIdx for m in good]]
     dst = b.points[[m.trainIdx for m in good]]
-    transform, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC,
-                                                     ransacReprojThreshold=s.size * s.ransac_fraction)
-    if transform is None:
+    transform, inliers = _fit(cv2, src, dst, s)
+    if transform is None or inliers is None:
         return 0, 0.0
     count = int(inliers.sum())
+    if s.refine_iterations:
+        transform = _refined(cv2, a.highpass, b.highpass, transform, s.refine_iterations)
     h, w = b.highpass.shape
-    warped = cv2.warpAffine(a.highpass, transform, (w, h))
-    overlap = cv2.warpAffine(np.ones_like(a.highpass), transform, (w, h)) > 0.99
+    warp = cv2.warpPerspective if transform.shape == (3, 3) else cv2.warpAffine
+    warped = warp(a.highpass, transform, (w, h))
+    overlap = warp(np.ones_like(a.highpass), transform, (w, h)) > 0.99
     if overlap.mean() < s.min_overlap:
         return count, 0.0
     x, y = warped[overlap], b.highpass[overlap]
     x, y = x - x.mean(), y - y.mean()
     return count, float((x * y).sum() / (math.sqrt(float((x * x).sum()) * float((y * y).sum())) + 1e-6))
+
+
+def _fit(cv2, src: np.ndarray, dst: np.ndarray, s: VerificationSettings):
+    """(transform, inlier mask) fitted with RANSAC: 2 x 3 for similarity and affine, 3 x 3 for a homography."""
+    threshold = s.size * s.ransac_fraction
+    if s.transform == "similarity":
+        return cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold)
+    if s.transform == "affine":
+        return cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold)
+    return cv2.findHomography(src, dst, cv2.RANSAC, threshold)
+
+
+def _refined(cv2, moving: np.ndarray, fixed: np.ndarray, transform: np.ndarray, iterations: int) -> np.ndarray:
+    """The transform after Evangelidis & Psarakis' ECC (OpenCV): RANSAC's fit is only as good as the matched
+    keypoints, ECC moves it to a maximum of the correlation itself. Unchanged where ECC does not converge."""
+    homography = transform.shape == (3, 3)
+    full = transform if homography else np.vstack([transform, [0.0, 0.0, 1.0]])
+    try:
+        inverse = np.linalg.inv(full)      # ECC's warp maps the fixed image's pixels into the moving one
+    except np.linalg.LinAlgError:
+        return transform
+    warp = np.float32(inverse if homography else inverse[:2])
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, iterations, 1e-4)
+    try:
+        _, warp = cv2.findTransformECC(fixed, moving, warp, cv2.MOTION_HOMOGRAPHY if homography else cv2.MOTION_AFFINE,
+                                       criteria, None, 1)
+    except cv2.error:
+        return transform
+    refined = np.linalg.inv(warp if homography else np.vstack([warp, [0.0, 0.0, 1.0]]))
+    return refined if homography else refined[:2]
 
 
 def _matched(descriptors: np.ndarray, s: VerificationSettings) -> np.ndarray:

@@ -63,6 +63,24 @@ def test_rootsift_matching_is_a_card_setting_and_still_tells_the_same_anatomy_ap
     assert same != match(prepare(a, S), prepare(moved(a), S), S)          # the descriptors are compared otherwise
 
 
+def test_an_affine_fit_aligns_an_image_stretched_unevenly_where_a_similarity_cannot():
+    """Radiographs resized without keeping their aspect ratio (the pediatric set, published figures) differ
+    by an uneven stretch, which a turn-scale-shift cannot undo."""
+    from dataclasses import replace
+    a = anatomy(5)
+    h, w = a.shape
+    stretched = cv2.warpAffine(a, np.float32([[1.18, 0, -20], [0, 0.92, 10]]), (w, h), borderMode=cv2.BORDER_REFLECT)
+    affine = VerificationSettings.from_card({"verification": {"size": 256, "features": 500, "transform": "affine"}})
+    assert affine == replace(S, transform="affine")
+    similar_inliers, similar_ncc = match(prepare(a, S), prepare(stretched, S), S)
+    affine_inliers, affine_ncc = match(prepare(a, affine), prepare(stretched, affine), affine)
+    assert affine_ncc > 0.8 > 0.4 > similar_ncc and affine_inliers > 2 * similar_inliers
+    other_inliers, other_ncc = match(prepare(a, affine), prepare(anatomy(6), affine), affine)
+    assert other_inliers < 15 and abs(other_ncc) < 0.3            # the extra freedom does not align strangers
+    with pytest.raises(ValueError, match="transform 'elastic'"):
+        VerificationSettings.from_card({"verification": {"transform": "elastic"}})
+
+
 def test_colour_images_and_dim_images_are_compared_as_stretched_gray():
     a = anatomy(3)
     rgb = np.stack([a, 0.5 * a, 0.25 * a])                  # (C, H, W), as the loader gives colour routes
@@ -229,3 +247,17 @@ def test_check_image_pairs_off_builds_no_verifier(tmp_path):
 
 def engine_folder(engine):
     return engine.verifier.folder.root
+
+
+def test_ecc_refinement_moves_a_slightly_wrong_fit_onto_the_true_one():
+    from models.verification import _cv2, _refined, complete, describe
+    a = anatomy(9)
+    h, w = a.shape
+    true = np.float32([[1, 0, 6], [0, 1, -4]])
+    b = cv2.warpAffine(a, true, (w, h), borderMode=cv2.BORDER_REFLECT)
+    fa, fb = complete(describe(a, S), S), complete(describe(b, S), S)
+    off = true + np.float32([[0, 0, -3], [0, 0, 2]])             # what a RANSAC fit on few matches might give
+    refined = _refined(_cv2(), fa.highpass, fb.highpass, off, 50)
+    assert np.abs(refined[:, 2] - true[:, 2]).max() < 0.5 < np.abs(off[:, 2] - true[:, 2]).max()
+    flat = np.zeros_like(fa.highpass)                            # nothing to correlate: the fit is kept as it was
+    assert np.array_equal(_refined(_cv2(), flat, flat, off, 50), off)
