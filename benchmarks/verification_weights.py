@@ -6,7 +6,7 @@
 
 Embeds each manifest with the registry model (`--weights-dir`; the rows `dicom-node evaluate`
 scores), matches every pair of images once per size, keypoint count, high-pass sigma, descriptor
-(SIFT or RootSIFT), fitted transform (`--transform`) and ECC refinement (`--refine`)
+(SIFT or RootSIFT), fitted transform (`--transform`), ECC refinement (`--refine`) and ratio test (`--ratio`)
 (models.verification.pairwise_matches: RANSAC inliers and the correlation of the aligned images),
 then scores
 cosine + w_inliers * log(1 + inliers) + w_ncc * ncc over a grid of weights with the metrics of
@@ -42,10 +42,11 @@ def settings_matches(rows: list, args, base, root: list[bool]):
     for size, features, sigma in itertools.product(args.size or [base.size], args.features or [base.features],
                                                    args.sigma):
         described = manifest_features(rows, args.route, replace(base, size=size, features=features, highpass_sigma=sigma))
-        for root_sift, fit, refine in itertools.product(root, args.transform or [base.transform],
-                                                        args.refine or [base.refine_iterations]):
+        for root_sift, fit, refine, ratio in itertools.product(root, args.transform or [base.transform],
+                                                               args.refine or [base.refine_iterations],
+                                                               args.ratio or [base.ratio]):
             s = replace(base, size=size, features=features, highpass_sigma=sigma, root_sift=root_sift, transform=fit,
-                        refine_iterations=refine)
+                        refine_iterations=refine, ratio=ratio)
             yield s, matches(described, s)
 
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transform", nargs="+", choices=TRANSFORMS,
                     help="what RANSAC fits (default the card's)")
     ap.add_argument("--refine", type=int, nargs="+", help="ECC refinement iterations, 0 for none (default the card's)")
+    ap.add_argument("--ratio", type=float, nargs="+", help="Lowe's ratio test (default the card's)")
     ap.add_argument("--inlier-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_inliers"]))
     ap.add_argument("--ncc-weights", type=float, nargs="+", default=list(CHECK_WEIGHT_GRID["weight_ncc"]))
     ap.add_argument("--json", type=Path)
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = scores(cosine + bonus_from_matches(m, wi, wn), codes)
                     out.setdefault(str(manifest), []).append({
                         "size": s.size, "features": s.features, "root_sift": s.root_sift, "transform": s.transform,
-                        "refine_iterations": s.refine_iterations, "sigma": s.highpass_sigma, "weight_inliers": wi,
+                        "refine_iterations": s.refine_iterations, "ratio": s.ratio, "sigma": s.highpass_sigma, "weight_inliers": wi,
                         "weight_ncc": wn, **r})
-                    fit = s.transform + ("+ecc" if s.refine_iterations else "")
+                    fit = s.transform + ("+ecc" if s.refine_iterations else "") + (f"@{s.ratio:g}" if args.ratio else "")
                     print(f"{s.size:5d} {s.features:5d} {'on' if s.root_sift else 'off':>4s} {fit:>14s} "
                           f"{s.highpass_sigma:6g} {wi:6g} {wn:6g} {r['rank1']:7.3f} {r['mAP']:7.3f} {r['roc_auc']:7.3f}",
                           flush=True)
