@@ -36,6 +36,10 @@ def matches(features: list, s) -> np.ndarray:
     return pairwise_matches(features, s, progress=True)
 
 
+# the settings this script varies besides the high-pass sigma (recorded as "sigma") and the weights
+VARIED = ("size", "features", "root_sift", "transform", "refine_iterations", "ratio")
+
+
 def settings_matches(rows: list, args, base, root: list[bool]):
     """(settings, matches) for every combination asked for; images described once per size, count and sigma."""
     from models.verification import manifest_features
@@ -85,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 for wn in args.ncc_weights:
                     r = scores(cosine + bonus_from_matches(m, wi, wn), codes)
                     out.setdefault(str(manifest), []).append({
-                        "size": s.size, "features": s.features, "root_sift": s.root_sift, "transform": s.transform,
-                        "refine_iterations": s.refine_iterations, "ratio": s.ratio, "sigma": s.highpass_sigma, "weight_inliers": wi,
+                        **{k: getattr(s, k) for k in VARIED}, "sigma": s.highpass_sigma, "weight_inliers": wi,
                         "weight_ncc": wn, **r})
                     fit = s.transform + ("+ecc" if s.refine_iterations else "") + (f"@{s.ratio:g}" if args.ratio else "")
                     print(f"{s.size:5d} {s.features:5d} {'on' if s.root_sift else 'off':>4s} {fit:>14s} "

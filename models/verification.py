@@ -187,9 +187,8 @@ def _refined(cv2, moving: np.ndarray, fixed: np.ndarray, transform: np.ndarray, 
     """The transform after Evangelidis & Psarakis' ECC (OpenCV): RANSAC's fit is only as good as the matched
     keypoints, ECC moves it to a maximum of the correlation itself. Unchanged where ECC does not converge."""
     homography = transform.shape == (3, 3)
-    full = transform if homography else np.vstack([transform, [0.0, 0.0, 1.0]])
     try:
-        inverse = np.linalg.inv(full)      # ECC's warp maps the fixed image's pixels into the moving one
+        inverse = np.linalg.inv(_homogeneous(transform))   # ECC's warp maps the fixed image's pixels into the moving one
     except np.linalg.LinAlgError:
         return transform
     warp = np.float32(inverse if homography else inverse[:2])
@@ -199,8 +198,13 @@ def _refined(cv2, moving: np.ndarray, fixed: np.ndarray, transform: np.ndarray, 
                                        criteria, None, 1)
     except cv2.error:
         return transform
-    refined = np.linalg.inv(warp if homography else np.vstack([warp, [0.0, 0.0, 1.0]]))
+    refined = np.linalg.inv(_homogeneous(warp))
     return refined if homography else refined[:2]
+
+
+def _homogeneous(transform: np.ndarray) -> np.ndarray:
+    """A 2 x 3 affine transform as its 3 x 3 matrix (a homography is one already)."""
+    return transform if transform.shape == (3, 3) else np.vstack([transform, [0.0, 0.0, 1.0]])
 
 
 def _matched(descriptors: np.ndarray, s: VerificationSettings) -> np.ndarray:
