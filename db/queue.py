@@ -89,14 +89,26 @@ class WorkQueue:
         with self._sessions.begin() as session:
             session.execute(update(Series).where(self._owned(work)).values(**values))
 
-    def release_claims(self) -> int:
-        """Give back every claim at start-up. Only for a store no other process
-        works on (the embedded SQLite default): its claims can only be ours, from
-        before a crash, and need not wait for their lease to run out."""
+    def release_claims(self, max_attempts: int | None = None) -> int:
+        """Give back every claim at start-up; return how many. Only for a store no other process
+        works on (the embedded SQLite default): its claims can only be ours, from before a crash,
+        and need not wait for their lease to run out.
+
+        With `max_attempts`, a claim that was the series' last allowed attempt fails the series
+        instead: a native crash on its files (an abort no except clause catches) would otherwise
+        bring the node down again after every restart."""
+        now = utcnow()
+        processing = Series.state == SeriesState.processing
+        released = dict(claim_token=None, claimed_at=None, state_changed_at=now)
         with self._sessions.begin() as session:
+            if max_attempts is not None:
+                session.execute(
+                    update(Series).where(processing, Series.attempts >= max_attempts)
+                    .values(state=SeriesState.failed, next_attempt_at=None, **released,
+                            last_error=f"given up after {max_attempts} attempts: the node stopped while the "
+                                       "last one was processing it (a crash on these files?)"))
             return session.execute(
-                update(Series).where(Series.state == SeriesState.processing)
-                .values(state=SeriesState.stable, claim_token=None, claimed_at=None, state_changed_at=utcnow())
+                update(Series).where(processing).values(state=SeriesState.stable, **released)
             ).rowcount
 
     def requeue_other_models(self, current: dict[str, tuple[str, str]]) -> dict[str, int]:

@@ -145,9 +145,10 @@ class IdentityStore:
             if issuer and issuer.strip():
                 query = query.where(Patient.issuer == issuer.strip())
         if name:
-            pattern = "%" + name.lower().replace("%", "").replace("_", "") + "%"
-            in_studies = select(Study.patient_pk).where(func.lower(Study.patient_name).like(pattern))
-            query = query.where((func.lower(Patient.name).like(pattern)) | Patient.id.in_(in_studies))
+            # autoescape: a typed % or _ is a character to find, not a LIKE wildcard.
+            term = name.lower()
+            in_studies = select(Study.patient_pk).where(func.lower(Study.patient_name).contains(term, autoescape=True))
+            query = query.where(func.lower(Patient.name).contains(term, autoescape=True) | Patient.id.in_(in_studies))
         with self._read_engine.connect() as connection:
             return list(connection.execute(query.order_by(Patient.id).limit(limit)).scalars())
 

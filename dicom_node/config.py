@@ -30,8 +30,14 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(10, ge=1)
+    max_pending_connections: int = Field(20, ge=1)
+    association_setup_timeout_s: float = Field(10.0, gt=0)
+    check_called_ae_title: bool = True
     max_pdu_size: int = Field(4_194_304, ge=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    max_dataset_bytes: int = Field(1 << 30, ge=1024)
+    max_dataset_elements: int = Field(1_000_000, ge=100)
+    max_sequence_depth: int = Field(32, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
 
@@ -128,6 +134,22 @@ class LinkageSettings(_Section):
     keep_check_features: bool = True
 
 
+class QuerySettings(_Section):
+    # Limits on one C-FIND, so that a broad or hostile query cannot hold up the node.
+    # Matches sent per query; a broader query gets this many (oldest first), then 0xA700 with a
+    # comment to narrow it (Success would claim that every match was sent, PS3.4 C.4.1.3).
+    max_matches: int = Field(1000, ge=1)
+    # Longest value of a matched key, in characters (PN: up to 3 x 64); longer: refused (0xC000).
+    max_key_length: int = Field(128, ge=1, le=10_000)
+    # Most values of one key (a list of UIDs, of modalities); more: refused (0xC000).
+    max_values: int = Field(1000, ge=1, le=10_000)
+    # A query still being matched after this many seconds ends with 0xA700.
+    timeout_s: float = Field(10.0, gt=0)
+    # Queries matched at once (matching is CPU work); further ones wait up to timeout_s for a
+    # turn, then get 0xA700. Sending the matches does not hold a turn.
+    max_concurrent: int = Field(2, ge=1)
+
+
 class WebSettings(_Section):
     # Web pages and JSON API for archivists and clinicians, served inside `serve`.
     enabled: bool = False
@@ -143,6 +165,9 @@ class WebSettings(_Section):
     tls_key_file: Path | None = None
     # Mark the session cookie Secure (always so with TLS above; set true behind a TLS proxy).
     secure_cookies: bool = False
+    # argon2 password checks run at once (each holds 64 MiB); a login finding none free within a
+    # second is answered 503 with Retry-After.
+    max_concurrent_password_checks: int = Field(2, ge=1, le=64)
 
     @field_validator("tls_cert_file", "tls_key_file", mode="before")
     @classmethod
@@ -170,6 +195,7 @@ class Settings(_Section):
     security: SecuritySettings = SecuritySettings()
     pipeline: PipelineSettings = PipelineSettings()
     linkage: LinkageSettings = LinkageSettings()
+    query: QuerySettings = QuerySettings()
     web: WebSettings = WebSettings()
     # Directory that relative paths were resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -10,11 +10,12 @@ from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from db.records import InstanceHeader, PatientKey
-from dicom_node.framing import FramingError, check_framing
+from dicom_node.framing import FramingError, LimitExceeded, Limits, check_framing
 from dicom_node.statuses import IngestFailure, Status
 
 _TAGS = [
@@ -26,6 +27,7 @@ _TAGS = [
     "SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesNumber", "SeriesDescription",
     "InstanceNumber", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames",
 ]
+_TAG_NUMBERS = [Tag(keyword) for keyword in _TAGS]
 
 
 def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
@@ -84,21 +86,56 @@ def _expected_native_pixel_bytes(ds: Dataset) -> int | None:
     return (rows * cols * samples * frames * bits + 7) // 8
 
 
-def read_header(part10: bytes, dataset_offset: int, declared_sop_class: str | None,
-                declared_sop_instance: str | None, transfer_syntax: UID) -> InstanceHeader:
-    """Parse and validate; raise IngestFailure with the DICOM status to answer."""
+def _past_header_tags(tag, vr, length) -> bool:
+    # Every tag in _TAGS is in a group up to 0x0028: stop parsing there instead of
+    # decoding the rest of a (possibly huge) data set.
+    return tag.group > 0x0028
+
+
+def _pixel_problem(framing, transfer_syntax: UID, ds: Dataset) -> tuple[Status, str] | None:
+    """Why the image in this data set cannot be whole, or None. Decided here, at the door, for what
+    the framing shows; a damaged compressed stream is found by the pipeline when it decodes."""
+    if framing.pixel_length is None:
+        if _int(ds, "Rows") and _int(ds, "Columns") and not framing.bulk_data:
+            return Status.SOP_CLASS_MISMATCH, "image has Rows and Columns but no Pixel Data (7FE0,0010)"
+        return None
+    if transfer_syntax.is_encapsulated and framing.pixel_length >= 0:
+        return Status.CANNOT_PARSE, (f"Pixel Data is not encapsulated, but transfer syntax "
+                                     f"{transfer_syntax.name} requires compressed fragments")
+    if not transfer_syntax.is_encapsulated and framing.pixel_length < 0:
+        return Status.CANNOT_PARSE, f"Pixel Data is encapsulated, but transfer syntax {transfer_syntax.name} is native"
+    if framing.pixel_length < 0 and framing.pixel_fragments == 0:
+        return Status.CANNOT_PARSE, "encapsulated Pixel Data has no fragments"
+    expected = _expected_native_pixel_bytes(ds)
+    if framing.pixel_length >= 0 and expected and framing.pixel_length < expected:
+        return Status.CANNOT_PARSE, f"pixel data is truncated: {framing.pixel_length} bytes for {expected} expected"
+    return None
+
+
+def read_header(dataset: bytes, declared_sop_class: str | None, declared_sop_instance: str | None,
+                transfer_syntax: UID, limits: Limits = Limits()) -> InstanceHeader:
+    """Parse and validate an encoded data set (no file meta); raise IngestFailure with the DICOM
+    status to answer."""
     try:
-        pixel_length = check_framing(part10[dataset_offset:], transfer_syntax)
+        framing = check_framing(dataset, transfer_syntax, limits)
+    except LimitExceeded as error:
+        raise IngestFailure(Status.OUT_OF_RESOURCES, f"refused: {error}") from None
     except FramingError as error:
         raise IngestFailure(Status.CANNOT_PARSE, f"data set is truncated or malformed: {error}") from None
+    # The walk inflated a deflated data set once; parse that as Explicit VR Little Endian.
+    implicit = transfer_syntax.is_implicit_VR and transfer_syntax != DeflatedExplicitVRLittleEndian
     try:
-        ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=_TAGS)
+        # Only the header part is handed to pydicom: a copy of it is small, of the whole data set not.
+        head = bytes(framing.dataset[:framing.header_end])
+        ds = read_dataset(BytesIO(head), implicit, transfer_syntax.is_little_endian,
+                          stop_when=_past_header_tags, specific_tags=_TAG_NUMBERS)
         sop_class = _text(ds, "SOPClassUID")
         sop_instance = _text(ds, "SOPInstanceUID")
         study_uid = _text(ds, "StudyInstanceUID")
         series_uid = _text(ds, "SeriesInstanceUID")
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as error:
-        raise IngestFailure(Status.CANNOT_PARSE, f"data set cannot be parsed: {error}") from None
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: pydicom raises many kinds, all mean "malformed"
+        raise IngestFailure(Status.CANNOT_PARSE, f"data set cannot be parsed: {type(error).__name__}: "
+                                                 f"{str(error)[:200]}") from None
 
     missing = [name for name, value in (("Study Instance UID", study_uid), ("Series Instance UID", series_uid),
                                         ("SOP Instance UID", sop_instance)) if not value]
@@ -115,10 +152,9 @@ def read_header(part10: bytes, dataset_offset: int, declared_sop_class: str | No
     for uid in (study_uid, series_uid, sop_instance):
         if len(uid) > 64:
             raise IngestFailure(Status.MISSING_UID, f"UID longer than 64 characters: {uid[:70]}")
-    expected = _expected_native_pixel_bytes(ds)
-    if pixel_length is not None and pixel_length >= 0 and expected and pixel_length < expected:
-        raise IngestFailure(Status.CANNOT_PARSE,
-                            f"pixel data is truncated: {pixel_length} bytes for {expected} expected")
+    problem = _pixel_problem(framing, transfer_syntax, ds)
+    if problem:
+        raise IngestFailure(*problem)
 
     try:
         issuer, qualifiers = _issuer(ds)
@@ -144,5 +180,6 @@ def read_header(part10: bytes, dataset_offset: int, declared_sop_class: str | No
             sop_instance_uid=sop_instance,
             instance_number=_int(ds, "InstanceNumber"),
         )
-    except (ValueError, TypeError, KeyError, EOFError) as error:
-        raise IngestFailure(Status.CANNOT_PARSE, f"header element cannot be decoded: {error}") from None
+    except Exception as error:  # noqa: BLE001 - values are decoded lazily here: any failure is the data's
+        raise IngestFailure(Status.CANNOT_PARSE, f"header element cannot be decoded: {type(error).__name__}: "
+                                                 f"{str(error)[:200]}") from None

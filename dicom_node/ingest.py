@@ -23,6 +23,7 @@ import dicom_node
 from db.records import Received, StoredFile
 from db.store import IdentityStore, utcnow
 from dicom_node.filestore import FileStore, OutOfSpace
+from dicom_node.framing import Limits
 from dicom_node.header import read_header
 from dicom_node.part10 import same_content, split_part10
 from dicom_node.phi import redact
@@ -65,11 +66,12 @@ class Ingestor:
     """Stores instances durably; safe to call from many association threads."""
 
     def __init__(self, files: FileStore, store: IdentityStore, duplicate_policy: str = "reject",
-                 log_phi: bool = False) -> None:
+                 log_phi: bool = False, limits: Limits = Limits()) -> None:
         self.files = files
         self.store = store
         self.duplicate_policy = duplicate_policy
         self.log_phi = log_phi
+        self.limits = limits
         # Striped locks: two associations sending the same SOP Instance UID at
         # once must not interleave check, write and commit.
         self._locks = [threading.Lock() for _ in range(64)]
@@ -90,6 +92,9 @@ class Ingestor:
         except OSError as error:
             log.error("storage error: %s", error)
             return IngestResult(Status.OUT_OF_RESOURCES, f"storage error: {error.strerror or error}")
+        except RecursionError:  # a nesting the framing limits let through; its traceback would flood the log
+            log.warning("rejected instance from %s: data set nested too deeply to parse", calling_ae)
+            return IngestResult(Status.CANNOT_PARSE, "data set nested too deeply to parse")
         except Exception:  # one bad instance must never end the association
             log.exception("unexpected failure while storing an instance")
             return IngestResult(Status.PROCESSING_FAILURE, "internal error while storing")
@@ -98,13 +103,8 @@ class Ingestor:
                 sop_instance: str | None, calling_ae: str | None) -> IngestResult:
         if not dataset:
             raise IngestFailure(Status.CANNOT_PARSE, "empty data set")
-        # Meta first with the request's UIDs (or placeholders for a bare file):
-        # the header reader needs a Part 10 stream to handle deflate.
-        meta = encode_file_meta(sop_class or "1.2", sop_instance or "1.2", transfer_syntax, calling_ae)
-        header = read_header(_PREAMBLE + meta + dataset, len(_PREAMBLE) + len(meta),
-                             sop_class, sop_instance, transfer_syntax)
-        if sop_class is None or sop_instance is None:
-            meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
+        header = read_header(dataset, sop_class, sop_instance, transfer_syntax, self.limits)
+        meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
         digest = hashlib.sha256(dataset).hexdigest()
         relative = self.files.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import traceback
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -14,6 +15,7 @@ from db.migrate import upgrade
 from db.store import IdentityStore
 from dicom_node.config import Settings
 from dicom_node.filestore import FileStore
+from dicom_node.framing import Limits
 from dicom_node.ingest import Ingestor
 
 log = logging.getLogger("dicom_node")
@@ -34,7 +36,9 @@ def build(settings: Settings, migrate: bool = True) -> Components:
     store = IdentityStore(engine)
     files = FileStore(settings.storage_dir, fsync=settings.storage.fsync,
                       min_free_bytes=settings.storage.min_free_bytes)
-    ingestor = Ingestor(files, store, settings.storage.duplicate_policy, settings.node.log_phi)
+    node = settings.node
+    limits = Limits(node.max_dataset_bytes, node.max_dataset_elements, node.max_sequence_depth)
+    ingestor = Ingestor(files, store, settings.storage.duplicate_policy, node.log_phi, limits)
     return Components(engine, store, files, ingestor)
 
 
@@ -97,7 +101,9 @@ def start_workers(settings: Settings, engine: Engine, stop: threading.Event) -> 
     if engine.dialect.name == "sqlite":
         from db.queue import WorkQueue
 
-        released = WorkQueue(engine).release_claims()
+        # A series claimed on its last attempt fails instead of coming back: the stop may have been
+        # a crash on it. (Errors raised in Python, Rust panics included, never stop a worker.)
+        released = WorkQueue(engine).release_claims(settings.pipeline.max_attempts)
         if released:
             log.info("%d series claimed before the last stop were put back in the queue", released)
 
@@ -122,12 +128,37 @@ def start_workers(settings: Settings, engine: Engine, stop: threading.Event) -> 
     return threads
 
 
+def _one_line_for_pynetdicom_threads(args) -> None:
+    """threading.excepthook: a peer's malformed PDU can make one of pynetdicom's reader threads
+    raise (e.g. a command set without Command Field). pynetdicom then ends that association by
+    itself; logging one line instead of a traceback per fuzzed PDU keeps the log readable."""
+    frames = traceback.extract_tb(args.exc_traceback)
+    if any("/pynetdicom/" in frame.filename for frame in frames[-3:]):
+        log.warning("association dropped: what the peer sent made pynetdicom fail (%s: %s)",
+                    args.exc_type.__name__, " ".join(str(args.exc_value).split())[:200])
+        return
+    threading.__excepthook__(args)
+
+
+def _pynetdicom_without_traceback(record: logging.LogRecord) -> bool:
+    if record.name.startswith("pynetdicom"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.node.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pynetdicom's own INFO/DEBUG output can dump identifiers from requests.
-    logging.getLogger("pynetdicom").setLevel(
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.setLevel(
         logging.DEBUG if settings.node.log_phi and settings.node.log_level == "DEBUG" else logging.WARNING)
+    # It logs a traceback for every PDU it cannot decode: a port scanner or fuzzer would fill
+    # the disk. Its one-line message says what happened. (A handler filter: a logger's own
+    # filters do not apply to its children's records.)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_pynetdicom_without_traceback)
+    threading.excepthook = _one_line_for_pynetdicom_threads
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 

@@ -10,29 +10,30 @@ different_patient_same_id link says are not this patient's are left out of a per
 change nothing. A wildcard Patient ID matches each study's own ID, without expansion.
 PATIENT level answers per ID (no expansion), with the person's other IDs likewise.
 
-Matching (PS3.4 C.2.2.2): universal (empty or "*"), single value, wildcard * ? (PatientName
-case-insensitively, as PS3.4 allows for PN), UID lists, DA/TM ranges ("A-B", "-B", "A-").
-ModalitiesInStudy matches when any series modality matches any requested value. Sequence
-keys are return keys only. Responses hold the requested keys (unknown ones empty) plus
-Query/Retrieve Level, the level's unique key, and Specific Character Set when a value is
-not ASCII. Statuses: Pending 0xFF00 per match, then Success; Cancel 0xFE00 when the peer
-cancels; 0xC000 for an unsupported level or model, 0xC310 for an undecodable identifier,
-0xA700 when the database does not answer.
+Matching (PS3.4 C.2.2.2) is `dicom_node.matching`. Sequence keys are return keys only.
+Responses hold the requested keys (unknown ones empty) plus Query/Retrieve Level, the level's
+unique key, and Specific Character Set when a value is not ASCII. Statuses: Pending 0xFF00 per
+match, then Success; Cancel 0xFE00 when the peer cancels; 0xC000 for an unsupported level or
+model or a key beyond [query] max_key_length/max_values, 0xC310 for an undecodable identifier;
+0xA700 when the database does not answer, when the query runs past [query] timeout_s or finds
+no free turn (max_concurrent) within it, and after the first max_matches matches of a broader
+query (with a warning in the log: Success would say that every match was sent, PS3.4 C.4.1.3).
 
 The handler runs in the association thread. All database reads happen before the first
 response, on read-only connections (plain BEGIN: on SQLite in WAL mode a reader never waits
-for, nor blocks, a C-STORE writer).
+for, nor blocks, a C-STORE writer). Matching is plain Python (no C call that keeps the
+interpreter lock for long), so other associations go on while a query is matched.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT
@@ -41,6 +42,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.links import LinkStore
 from db.records_linkage import PatientRecord, StudyRecord
+from dicom_node.config import QuerySettings
+from dicom_node.matching import Matcher, date_range, has_wildcard, is_universal, key_matcher, matches, value_list
 from linkage.priors import other_ids, study_order
 
 log = logging.getLogger("dicom_node.qrscp")
@@ -77,77 +80,68 @@ PATIENT_KEYS: dict[str, tuple[str, Callable[[PatientRecord], object]]] = {
 }
 
 
-# ----- matching ---------------------------------------------------------------------------
+# ----- limits -------------------------------------------------------------------------------
 
-def _values(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, MultiValue)):
-        return [str(v) for v in value]
-    return [str(value)]
+class Refused(Exception):
+    """The query ends with this failure status and ErrorComment instead of (further) matches."""
 
-
-def is_universal(value) -> bool:
-    values = _values(value)
-    return not values or all(v.strip() in ("", "*") for v in values)
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status, self.comment = status, comment
 
 
-def has_wildcard(text: str) -> bool:
-    return "*" in text or "?" in text
+class Cancelled(Exception):
+    """The peer sent C-CANCEL while the query was being matched."""
 
 
-def _wildcard(pattern: str, ignore_case: bool) -> re.Pattern:
-    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(body, re.DOTALL | (re.IGNORECASE if ignore_case else 0))
+def check_keys(keys: dict, table: dict, limits: QuerySettings) -> None:
+    """Refuse matched keys with more values or longer values than the limits allow."""
+    for keyword, query in keys.items():
+        if keyword not in table or table[keyword][0] == "count":
+            continue
+        values = value_list(query)
+        if len(values) > limits.max_values:
+            raise Refused(UNABLE_TO_PROCESS, f"{keyword}: {len(values)} values, more than {limits.max_values} allowed")
+        longest = max((len(v) for v in values), default=0)
+        if longest > limits.max_key_length:
+            raise Refused(UNABLE_TO_PROCESS,
+                          f"{keyword}: {longest} characters, more than {limits.max_key_length} allowed")
 
 
-def date_range(value) -> tuple[str | None, str | None] | None:
-    """'A-B', '-B', 'A-' or 'A' -> (low, high); None when universal."""
-    if is_universal(value):
-        return None
-    text = _values(value)[0].strip().replace(".", "")
-    if "-" in text:
-        low, high = (part.strip() or None for part in text.split("-", 1))
-        return low, high
-    return text, text
+def _ticker(limits: QuerySettings, is_cancelled: Callable[[], bool]) -> Callable[[], None]:
+    """Called between steps of a query: raises once it is past timeout_s or cancelled."""
+    deadline = time.monotonic() + limits.timeout_s
+
+    def tick() -> None:
+        if time.monotonic() > deadline:
+            raise Refused(OUT_OF_RESOURCES, f"query ran past {limits.timeout_s:g} s: narrow the query")
+        if is_cancelled():
+            raise Cancelled
+
+    return tick
 
 
-def _in_range(value: str | None, bounds, width: int) -> bool:
-    if not value:
-        return False
-    low, high = bounds
-    digits = value.replace(":", "").replace(".", "")[:width]
-    # Times: a partial bound such as 10 means 10:00:00 up to 10:59:59 at the top end.
-    low = low.replace(":", "")[:width].ljust(width, "0") if low else None
-    high = high.replace(":", "")[:width].ljust(width, "9") if high else None
-    return (low is None or digits.ljust(width, "0") >= low) and (high is None or digits.ljust(width, "0") <= high)
+def _select(records, tests: list[tuple[Callable, Matcher]], tick: Callable[[], None]) -> list:
+    found = []
+    for n, record in enumerate(records):
+        if n % 256 == 0:
+            tick()
+        if all(test(get(record)) for get, test in tests):
+            found.append(record)
+    tick()
+    return found
 
 
-def matches(kind: str, query, value) -> bool:
-    """Does a stored value match one query key (PS3.4 C.2.2.2)?"""
-    if kind in ("count", "seq") or is_universal(query):
-        return True
-    if kind == "uid":
-        return value in {v.strip() for v in _values(query)}
-    if kind in ("date", "time"):
-        width = 8 if kind == "date" else 6
-        return _in_range(value, date_range(query), width)
-    if kind == "multi":
-        stored = _values(value)
-        return any(_text_match(q, v, False) for q in _values(query) for v in stored)
-    return _text_match(_values(query)[0], value, kind == "pn")
-
-
-def _text_match(pattern: str, value, ignore_case: bool) -> bool:
-    if value is None or value == "":
-        return False
-    pattern, value = pattern.strip(), str(value).strip()
-    if ignore_case:
-        # "DOE^JOHN^^^" and "DOE^JOHN" are the same name.
-        pattern, value = pattern.rstrip("^"), value.rstrip("^")
-    if has_wildcard(pattern):
-        return _wildcard(pattern, ignore_case).fullmatch(value) is not None
-    return pattern.casefold() == value.casefold() if ignore_case else pattern == value
+def _tests(keys: dict, table: dict, skip=frozenset()) -> list[tuple[Callable, Matcher]]:
+    """(value getter, compiled matcher) per key that narrows the answer."""
+    tests = []
+    for keyword, query in keys.items():
+        if keyword in table and keyword not in skip:
+            kind, get = table[keyword]
+            match = key_matcher(kind, query)
+            if match is not None:
+                tests.append((get, match))
+    return tests
 
 
 def _query_keys(identifier: Dataset) -> dict[str, object]:
@@ -158,23 +152,25 @@ def _single_patient_id(keys: dict) -> str | None:
     pid = keys.get("PatientID")
     if is_universal(pid):
         return None
-    text = _values(pid)[0].strip()
+    text = value_list(pid)[0].strip()
     return None if has_wildcard(text) else text
 
 
 # ----- the queries ----------------------------------------------------------------------------
 
-def find_studies(store: LinkStore, keys: dict) -> list[tuple[StudyRecord, list[tuple[str, str]]]]:
-    """Matching studies, oldest first, each with the person's other (ID, issuer) pairs."""
+def find_studies(store: LinkStore, keys: dict, limit: int | None = None, tick: Callable[[], None] = lambda: None
+                 ) -> tuple[list[tuple[StudyRecord, list[tuple[str, str]]]], int]:
+    """The first `limit` matching studies, oldest first, each with the person's other (ID, issuer)
+    pairs; and how many matched in all."""
     narrow = {}
     if not is_universal(keys.get("StudyInstanceUID")):
-        narrow["study_uids"] = [v.strip() for v in _values(keys["StudyInstanceUID"])]
+        narrow["study_uids"] = [v.strip() for v in value_list(keys["StudyInstanceUID"])]
     bounds = date_range(keys.get("StudyDate"))
     if bounds:
         narrow["date_from"], narrow["date_to"] = bounds
     accession = keys.get("AccessionNumber")
-    if not is_universal(accession) and not has_wildcard(_values(accession)[0]):
-        narrow["accession"] = _values(accession)[0].strip()
+    if not is_universal(accession) and not has_wildcard(value_list(accession)[0]):
+        narrow["accession"] = value_list(accession)[0].strip()
 
     skip = set()
     pid = _single_patient_id(keys)
@@ -183,31 +179,31 @@ def find_studies(store: LinkStore, keys: dict) -> list[tuple[StudyRecord, list[t
         seeds = [p.patient_pk for p in store.patient_records(patient_id=pid).values()
                  if matches("text", issuer, p.issuer)]
         if not seeds:
-            return []
+            return [], 0
         person = store.linked_patients(seeds)
         studies = [s for s in store.find_studies(patient_pks=person, **narrow) if s.misfiled_link is None]
         skip = {"PatientID", "IssuerOfPatientID"}   # matched by the person, not per study
     else:
         studies = store.find_studies(**narrow)
 
-    found = [s for s in studies
-             if all(matches(STUDY_KEYS[k][0], q, STUDY_KEYS[k][1](s)) for k, q in keys.items()
-                    if k in STUDY_KEYS and k not in skip)]
+    found = _select(studies, _tests(keys, STUDY_KEYS, skip), tick)
     found.sort(key=study_order)
+    sent = found[:limit]
     others = {}
     if any(k in keys for k in OTHER_ID_KEYS):
-        others = other_ids(store, {s.patient_pk for s in found if s.misfiled_link is None})
-    return [(s, [] if s.misfiled_link is not None else others.get(s.patient_pk, [])) for s in found]
+        others = other_ids(store, {s.patient_pk for s in sent if s.misfiled_link is None})
+    return [(s, [] if s.misfiled_link is not None else others.get(s.patient_pk, [])) for s in sent], len(found)
 
 
-def find_patients(store: LinkStore, keys: dict) -> list[tuple[PatientRecord, list[tuple[str, str]]]]:
+def find_patients(store: LinkStore, keys: dict, limit: int | None = None, tick: Callable[[], None] = lambda: None
+                  ) -> tuple[list[tuple[PatientRecord, list[tuple[str, str]]]], int]:
     pid = _single_patient_id(keys)
     records = store.patient_records(patient_id=pid).values()
-    found = [p for p in records if all(matches(PATIENT_KEYS[k][0], q, PATIENT_KEYS[k][1](p))
-                                       for k, q in keys.items() if k in PATIENT_KEYS)]
+    found = _select(records, _tests(keys, PATIENT_KEYS), tick)
     found.sort(key=lambda p: (p.patient_id, p.issuer))
-    others = other_ids(store, {p.patient_pk for p in found}) if any(k in keys for k in OTHER_ID_KEYS) else {}
-    return [(p, others.get(p.patient_pk, [])) for p in found]
+    sent = found[:limit]
+    others = other_ids(store, {p.patient_pk for p in sent}) if any(k in keys for k in OTHER_ID_KEYS) else {}
+    return [(p, others.get(p.patient_pk, [])) for p in sent], len(found)
 
 
 # ----- responses ------------------------------------------------------------------------------
@@ -255,7 +251,7 @@ def _other_item(patient_id: str, issuer: str) -> Dataset:
 def _ascii(ds: Dataset) -> bool:
     for elem in ds.iterall():
         if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and elem.value is not None:
-            if any(not str(v).isascii() for v in _values(elem.value)):
+            if any(not str(v).isascii() for v in value_list(elem.value)):
                 return False
     return True
 
@@ -267,7 +263,10 @@ def _failure(status: int, comment: str) -> tuple[Dataset, None]:
     return ds, None
 
 
-def make_find_handler(store: LinkStore):
+def make_find_handler(store: LinkStore, limits: QuerySettings | None = None):
+    limits = limits or QuerySettings()
+    turns = threading.BoundedSemaphore(limits.max_concurrent)
+
     def handle_find(event) -> Iterator[tuple]:
         model = event.request.AffectedSOPClassUID
         try:
@@ -283,23 +282,52 @@ def make_find_handler(store: LinkStore):
             yield _failure(UNABLE_TO_PROCESS, f"query level '{level}' is not supported here")
             return
         keys = _query_keys(identifier)
+        table = STUDY_KEYS if level == "STUDY" else PATIENT_KEYS
+        calling = event.assoc.requestor.ae_title.strip()
         try:
-            if level == "STUDY":
-                found = [({k: get(s) for k, (_, get) in STUDY_KEYS.items()}, other)
-                         for s, other in find_studies(store, keys)]
-            else:
-                found = [({k: get(p) for k, (_, get) in PATIENT_KEYS.items()}, other)
-                         for p, other in find_patients(store, keys)]
+            check_keys(keys, table, limits)
+        except Refused as refused:
+            log.warning("C-FIND %s level from %s refused: %s", level, calling, refused.comment)
+            yield _failure(refused.status, refused.comment)
+            return
+        # Matching is CPU work: a few queries at a time keep the rest of the node responsive.
+        if not turns.acquire(timeout=limits.timeout_s):
+            log.warning("C-FIND %s level from %s refused: all %d query slots busy (query.max_concurrent)",
+                        level, calling, limits.max_concurrent)
+            yield _failure(OUT_OF_RESOURCES, f"all {limits.max_concurrent} query slots busy: try again later")
+            return
+        try:
+            tick = _ticker(limits, lambda: event.is_cancelled)
+            search = find_studies if level == "STUDY" else find_patients
+            matched, total = search(store, keys, limits.max_matches, tick)
+            found = [({k: get(r) for k, (_, get) in table.items()}, other) for r, other in matched]
+            outcome = None
+        except Refused as refused:
+            log.warning("C-FIND %s level from %s: %s", level, calling, refused.comment)
+            outcome = _failure(refused.status, refused.comment)
+        except Cancelled:
+            outcome = (CANCEL, None)
         except SQLAlchemyError as error:
             log.error("C-FIND: database unavailable: %s", type(error).__name__)
-            yield _failure(OUT_OF_RESOURCES, "database unavailable")
+            outcome = _failure(OUT_OF_RESOURCES, "database unavailable")
+        finally:
+            turns.release()     # before sending: a slow peer does not hold a turn
+        if outcome is not None:
+            yield outcome
             return
-        log.info("C-FIND %s level from %s: %d matches", level, event.assoc.requestor.ae_title.strip(), len(found))
+        if total > len(found):
+            log.warning("C-FIND %s level from %s: %d matches, only the first %d sent (query.max_matches)",
+                        level, calling, total, len(found))
+        else:
+            log.info("C-FIND %s level from %s: %d matches", level, calling, total)
         for values, other in found:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             yield PENDING, response(identifier, level, values, other)
+        if total > len(found):
+            sent = len(found)
+            yield _failure(OUT_OF_RESOURCES, f"more than {sent} matches, first {sent} sent: narrow the query")
 
     return handle_find
 

@@ -7,6 +7,7 @@ C-FIND (`dicom_node.qrscp`) is served by the same AE, so the same allow-list and
 
 from __future__ import annotations
 
+import copy
 import logging
 import ssl
 import threading
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import Verification
 
 from db.links import LinkStore
 from dicom_node.config import Settings
+from dicom_node.connections import ConnectionGuard
 from dicom_node.ingest import Ingestor
 from dicom_node.qrscp import FIND_CONTEXTS, make_find_handler
 from dicom_node.security import AccessPolicy, server_tls_context
@@ -56,10 +58,13 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     pynetdicom completes the handshake in the single thread that accepts
     connections, so one peer that connects and says nothing stalls every
     other sender. Here the handshake runs in the connection's own thread,
-    with a time limit.
+    with a time limit, after the connection's first bytes (`ConnectionGuard`).
     """
 
     handshake_timeout_s = 30.0
+    # socketserver's default backlog of 5 drops SYNs under a burst of connections, and a
+    # dropped SYN is retried only after a second.
+    request_queue_size = 128
 
     def get_request(self):
         client, address = self.socket.accept()
@@ -67,7 +72,13 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    guard: ConnectionGuard | None = None
+
     def process_request_thread(self, request, client_address) -> None:
+        # A connection gets an association object (and its thread) only once it says something.
+        if self.guard is not None and not self.guard.wait_for_first_bytes(request):
+            self.shutdown_request(request)
+            return
         if self.ssl_context:
             previous = request.gettimeout()
             try:
@@ -81,10 +92,29 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class CheaplyCopiedContexts(list):
+    """The supported presentation contexts, as pynetdicom copies them for each connection.
+
+    pynetdicom deep-copies them per connection: about 120 ms of CPU, holding the interpreter
+    lock, for our 173 contexts. A context's only mutable part is its transfer syntax list,
+    so copying each context and that list is the same copy in about a millisecond.
+    """
+
+    def __deepcopy__(self, memo) -> list:
+        copies = []
+        for context in self:
+            clone = copy.copy(context)
+            clone._transfer_syntax = list(context._transfer_syntax)
+            copies.append(clone)
+        return copies
+
+
 def make_ae(settings: Settings) -> AE:
     node = settings.node
     ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
+    # pynetdicom counts half-open connections too; the real limit is ConnectionGuard's, so
+    # pynetdicom's is set above what the guard lets through.
+    ae.maximum_associations = node.max_associations + node.max_pending_connections + 16
     # A large PDU lets senders ship an instance in a few PDUs instead of
     # hundreds of 16 kB ones; pure-Python PDU handling is the cost that matters.
     ae.maximum_pdu_size = node.max_pdu_size
@@ -104,17 +134,40 @@ class StorageSCP:
 
     def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
         self.settings = settings
+        node = settings.node
         self.ae = make_ae(settings)
-        self.policy = AccessPolicy(settings.security)
+        self.policy = AccessPolicy(settings.security, node.ae_title if node.check_called_ae_title else None)
+        self.guard = ConnectionGuard(node.max_associations, node.max_pending_connections,
+                                     node.association_setup_timeout_s)
         self.handlers = [
-            (evt.EVT_REQUESTED, self.policy.on_requested),
+            (evt.EVT_CONN_OPEN, self.guard.on_conn_open),
+            (evt.EVT_CONN_CLOSE, self.guard.on_conn_close),
+            (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, make_store_handler(ingestor)),
             # Reads on the ingest store's engine: one pool, read-only connections.
-            (evt.EVT_C_FIND, make_find_handler(LinkStore(ingestor.store.engine))),
+            (evt.EVT_C_FIND, make_find_handler(LinkStore(ingestor.store.engine), settings.query)),
         ]
         self.tls = server_tls_context(settings.security.tls, settings)
         self.server = None
+
+    def on_requested(self, event) -> None:
+        """EVT_REQUESTED: refuse peers the policy does not admit, then take an association slot."""
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        address = assoc.requestor.address
+        refusal = self.policy.refusal(primitive.calling_ae_title, primitive.called_ae_title, address,
+                                      getattr(assoc, "raw_ae_titles", None))
+        if refusal:
+            self.guard.release(assoc)
+            log.warning("rejected association from %s: %s", address, refusal[1])
+            assoc.acse.send_reject(0x01, 0x01, refusal[0])      # rejected-permanent, service-user
+            assoc.kill()
+        elif not self.guard.admit(assoc):
+            log.warning("rejected association from AE '%s' at %s: %d associations are open (node.max_associations)",
+                        primitive.calling_ae_title.strip(), address, self.guard.max_associations)
+            assoc.acse.send_reject(0x02, 0x03, 0x02)            # rejected-transient, provider, local limit
+            assoc.kill()
 
     def start(self) -> None:
         node = self.settings.node
@@ -122,7 +175,10 @@ class StorageSCP:
             (node.host, node.port), evt_handlers=self.handlers, ssl_context=self.tls,
             server_class=HandshakeInThreadServer,
         )
-        self.server.handshake_timeout_s = min(30.0, node.network_timeout_s)
+        self.server.handshake_timeout_s = min(node.association_setup_timeout_s, node.network_timeout_s)
+        self.server.guard = self.guard
+        self.server.contexts = CheaplyCopiedContexts(self.server.contexts)
+        self.guard.start()
         # What AE.start_server(block=False) does, with our server class.
         threading.Thread(target=self.server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self.ae._servers.append(self.server)  # shutdown() removes it from there
@@ -139,6 +195,7 @@ class StorageSCP:
         """
         if self.server is None:
             return
+        self.guard.stop()
         self.server.shutdown()
         self.server = None
         deadline = time.monotonic() + grace_s

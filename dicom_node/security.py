@@ -1,8 +1,9 @@
 """Who may connect: calling-AE allow-list with optional host check, and TLS.
 
-The allow-list is checked when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED); an
-unknown peer gets A-ASSOCIATE-RJ "calling AE title not recognised", the answer
-DICOM peers and their logs understand.
+The allow-list and the called AE title are checked when the A-ASSOCIATE-RQ arrives
+(EVT_REQUESTED, `dicom_node.scp`); an unknown peer gets A-ASSOCIATE-RJ "calling AE title
+not recognised" (or "called AE title not recognised"), the answers DICOM peers and their
+logs understand.
 """
 
 from __future__ import annotations
@@ -57,9 +58,26 @@ def _networks(host: str) -> list:
     return [ipaddress.ip_network(info[4][0]) for info in infos]
 
 
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): rejected-permanent, service-user, and why.
+CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+
+
+def valid_ae_title(title: str | bytes) -> bool:
+    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash, no control characters.
+    A title field as sent (bytes) may be padded with spaces, or NULs as some old devices do."""
+    if isinstance(title, bytes):
+        title = title.rstrip(b"\0 ").decode("latin-1")
+    title = title.strip(" ")
+    return 0 < len(title) <= 16 and "\\" not in title and all(32 <= ord(c) < 127 for c in title)
+
+
 class AccessPolicy:
-    def __init__(self, security: SecuritySettings) -> None:
+    """Who may associate: a well-formed calling AE title on the allow-list (from an allowed host),
+    asking for this node's AE title (unless `called_ae_title` is None: any)."""
+
+    def __init__(self, security: SecuritySettings, called_ae_title: str | None = None) -> None:
         self.require_known_ae = security.require_known_ae
+        self.called_ae_title = called_ae_title.strip() if called_ae_title else None
         self.rules: dict[str, list[PeerRule]] = {}
         for peer in security.peers:
             networks = tuple(net for host in peer.hosts for net in _networks(host))
@@ -70,16 +88,21 @@ class AccessPolicy:
             return True
         return any(rule.admits(address) for rule in self.rules.get(calling_ae.strip(), []))
 
-    def on_requested(self, event) -> None:
-        """pynetdicom EVT_REQUESTED handler: reject peers not on the allow-list."""
-        assoc = event.assoc
-        calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
-        address = assoc.requestor.address
+    def refusal(self, calling_ae: str, called_ae: str, address: str,
+                raw_titles: tuple[bytes, bytes] | None = None) -> tuple[int, str] | None:
+        """(A-ASSOCIATE-RJ diagnostic, log line) for a request to refuse, or None to go on.
+        `raw_titles`: the (called, calling) title fields as sent, where they were seen."""
+        raw_called, raw_calling = raw_titles or (called_ae, calling_ae)
+        if not valid_ae_title(raw_calling):
+            return CALLING_AE_NOT_RECOGNISED, f"calling AE title {raw_calling!r} is not a valid AE title"
+        if not valid_ae_title(raw_called):
+            return CALLED_AE_NOT_RECOGNISED, f"called AE title {raw_called!r} is not a valid AE title"
         if not self.admits(calling_ae, address):
-            log.warning("rejected association from AE '%s' at %s: not on the allow-list", calling_ae, address)
-            # rejected-permanent, service-user, calling AE title not recognised
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            assoc.kill()
+            return CALLING_AE_NOT_RECOGNISED, f"AE '{calling_ae.strip()}' is not on the allow-list"
+        if self.called_ae_title is not None and called_ae.strip() != self.called_ae_title:
+            return CALLED_AE_NOT_RECOGNISED, (f"it called AE title {called_ae.strip()!r}, "
+                                              f"this node is '{self.called_ae_title}'")
+        return None
 
 
 def server_tls_context(tls: TLSSettings, settings: Settings) -> ssl.SSLContext | None:

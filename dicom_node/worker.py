@@ -2,6 +2,10 @@
 
 The imaging itself is `models.pipeline`; this module only moves plain data
 between the work queue (`db.queue`) and the pipeline, and decides retries.
+
+A worker thread must outlive any series: besides Exception, every BaseException but
+the interrupts in `models.errors.FATAL` is caught, because pyo3 (Rust) extensions such
+as the pylibjpeg-rle decoder raise `pyo3_runtime.PanicException`, a BaseException.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from db.queue import WorkQueue
 from db.records import SeriesWork
-from models.errors import SeriesError
+from models.errors import FATAL, SeriesError, describe
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -61,7 +65,9 @@ class Worker:
         started = time.perf_counter()
         try:
             results = self.pipeline.process_batch(batch, self.storage_dir)
-        except Exception:  # a bug on the batch path: isolate the poison series one by one
+        except FATAL:
+            raise
+        except BaseException:  # noqa: BLE001 - a bug or a panic on the batch path: isolate the poison series
             log.exception("batch of %d series failed; processing them one at a time", len(batch))
             results = [self._process_one(work) for work in batch]
         seconds = (time.perf_counter() - started) / len(batch)
@@ -77,7 +83,9 @@ class Worker:
             return
         try:
             self.linked += self.linker.link_pending().series
-        except Exception:  # the database may be briefly unavailable; the next pass retries
+        except FATAL:
+            raise
+        except BaseException:  # noqa: BLE001 - the database may be briefly unavailable; the next pass retries
             log.exception("linking pass failed")
 
     def _process_one(self, work: SeriesWork):
@@ -85,9 +93,16 @@ class Worker:
             return self.pipeline.process(work, self.storage_dir)
         except SeriesError as error:
             return error
-        except Exception as error:  # one poison series must never stop the worker
+        except FATAL:
+            raise
+        except Exception as error:  # noqa: BLE001 - one poison series must never stop the worker
+            # The pipeline classes what the files cause itself (SeriesError), so this is the
+            # environment (a GPU error, say) or a bug: retried, a bounded number of times.
             log.exception("series %s: unexpected pipeline error", work.series_uid)
-            return SeriesError(f"{type(error).__name__}: {error}", permanent=False)
+            return SeriesError(describe(error), permanent=False)
+        except BaseException as error:  # noqa: BLE001 - a native panic: it would panic again, so no retry
+            log.exception("series %s: pipeline panicked", work.series_uid)
+            return SeriesError(describe(error), permanent=True)
 
     def _record(self, work: SeriesWork, result, seconds: float, stats: RunStats) -> None:
         if isinstance(result, SeriesError):
@@ -124,7 +139,9 @@ class Worker:
         while not stop.is_set():
             try:
                 claimed = self.run_once()
-            except Exception:  # the database may be briefly unavailable; keep the worker alive
+            except FATAL:
+                raise
+            except BaseException:  # noqa: BLE001 - the database may be briefly unavailable; keep the worker alive
                 log.exception("worker loop error")
                 claimed = 0
             if not claimed:

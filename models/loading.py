@@ -20,7 +20,10 @@ What comes out (`LoadedSeries`):
 * ``kind == "rgb"``: 2D images (3, H, W) in [0, 1]; YBR is converted by pydicom's decoders,
   PALETTE COLOR through its lookup table.
 
-Anything that cannot be made into one of these raises `SeriesError` with a reason.
+Anything that cannot be made into one of these raises `SeriesError` with a reason: permanent
+for what the files contain (they give the same error next time), retryable only for the
+environment (a missing or unreadable file, memory). Nothing else escapes, not even a decoder's
+Rust panic (a BaseException), except the interrupts in `models.errors.FATAL`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from monai.data import MetaTensor
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
-from models.errors import SeriesError
+from models.errors import FATAL, SeriesError, describe, one_line, out_of_memory
 
 GRAY = {"MONOCHROME1", "MONOCHROME2"}
 COLOR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"}
@@ -76,14 +79,16 @@ def load_series(paths: list[Path], modality: str | None = None, body_part: str |
     """Read the instances of one series; raise SeriesError for anything unusable."""
     try:
         return _load(paths, modality, body_part)
-    except SeriesError:
+    except (SeriesError, *FATAL):
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:  # malformed header values
-        raise SeriesError(f"unusable header value: {type(error).__name__}: {_one_line(error)}") from None
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+        raise SeriesError(f"unusable header value: {type(error).__name__}: {one_line(error)}") from None
+    except BaseException as error:  # noqa: BLE001 - see below
+        # The files were read by _read (its I/O errors are the retryable ones), so anything else is
+        # raised by their contents (pydicom raises NotImplementedError for an unknown VR, say) and
+        # would be raised again: permanent, unless memory ran out. BaseException: pyo3 panics.
+        raise SeriesError(f"malformed or unsupported data: {describe(error)}",
+                          permanent=not out_of_memory(error)) from None
 
 
 def _load(paths: list[Path], modality: str | None, body_part: str | None) -> LoadedSeries:
@@ -130,18 +135,29 @@ def _read(path: Path) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as error:
-        raise SeriesError(f"{path.name}: not a readable DICOM file ({_one_line(error)})") from None
+        raise SeriesError(f"{path.name}: not a readable DICOM file ({one_line(error)})") from None
     except OSError as error:  # missing or unreadable file: may be transient (mount, permissions)
         raise SeriesError(f"{path.name}: cannot read the file ({error.strerror or error})", permanent=False) from None
+    except FATAL:
+        raise
+    except BaseException as error:  # noqa: BLE001 - any other parser failure is the file's content
+        raise SeriesError(f"{path.name}: not a readable DICOM file ({describe(error)})",
+                          permanent=not out_of_memory(error)) from None
 
 
 def _decode(ds: pydicom.Dataset, name: str) -> np.ndarray:
     try:
         arr = ds.pixel_array    # YBR_FULL/YBR_FULL_422 come back as RGB (pydicom 3 default)
-    except Exception as error:  # noqa: BLE001 - decoders raise many types (missing plugin, truncated data)
+    except FATAL:
+        raise
+    except BaseException as error:  # noqa: BLE001 - decoders raise many types (missing plugin, truncated data),
+        # and pylibjpeg-rle a Rust panic (PanicException, a BaseException) on corrupt RLE segments.
+        # All are the file's content, so permanent; running out of memory is the machine's.
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", str(syntax))
-        raise SeriesError(f"{name}: cannot decode pixel data ({syntax_name}): {_one_line(error)}") from None
+        detail = describe(error, "the decoder", with_type=False)
+        raise SeriesError(f"{name}: cannot decode pixel data ({syntax_name}): {detail}",
+                          permanent=not out_of_memory(error)) from None
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if arr.shape[-3 if int(ds.get("SamplesPerPixel", 1)) > 1 else -2:][:2] != (rows, cols):
         raise SeriesError(f"{name}: decoded pixels {arr.shape} do not match Rows x Columns {rows}x{cols}")
@@ -359,7 +375,8 @@ def _rgb(frame: _Frame) -> MetaTensor:
         try:
             arr = apply_color_lut(arr, ds)
         except Exception as error:  # noqa: BLE001 - any failure of the LUT is a property of the file
-            raise SeriesError(f"{frame.name}: cannot apply the palette colour lookup table ({error})") from None
+            raise SeriesError(f"{frame.name}: cannot apply the palette colour lookup table ({error})",
+                              permanent=not out_of_memory(error)) from None
         top = float(2 ** (8 * arr.dtype.itemsize) - 1)
     else:
         top = float(2 ** int(ds.get("BitsStored", 8)) - 1)

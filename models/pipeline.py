@@ -17,7 +17,10 @@ The router needs its own route-agnostic normalization (the thumbnail), so routin
 before the route's normalization. Series routed to "other" are not embedded. A series with
 several 2D images (both eyes, a cine) is embedded image by image and the mean of the
 embeddings, L2-normalized again, is the series embedding. Anything wrong with the series
-itself raises `SeriesError` (the worker records the reason); everything else is a bug.
+itself raises `SeriesError` (the worker records the reason). A failure of a step that runs
+for one series alone (load, thumbnail, normalize) is that series' own: a permanent SeriesError,
+unless memory ran out. Failures of the batched network passes propagate, and the worker
+processes the batch again series by series.
 
 `SeriesPipeline` loads the router and the identity networks once; `process_batch` runs
 several series, batching the networks per route. `profile` accumulates seconds per route
@@ -35,7 +38,7 @@ import torch
 
 from db.records import EmbeddingResult, RouteDecision, SeriesWork
 from dicom_node.config import PipelineSettings
-from models.errors import SeriesError
+from models.errors import SeriesError, out_of_memory
 from models.loading import LoadedSeries, load_series
 from models.networks import IdentityModel, load_identity_model
 from models.router import Router
@@ -96,7 +99,7 @@ class SeriesPipeline:
             started = time.perf_counter()
             try:
                 series = load_series([Path(storage_dir) / p for p in work.paths], work.modality, work.body_part)
-            except SeriesError as error:
+            except SeriesError as error:        # load_series raises nothing else but interrupts
                 results[i] = error
                 continue
             loaded[i] = (series, time.perf_counter() - started)
@@ -134,8 +137,9 @@ class SeriesPipeline:
             for i, s in series.items():
                 try:
                     thumbs[i] = router_thumbnail(s)
-                except (RuntimeError, ValueError) as error:   # e.g. an image too small to resample
-                    out[i] = SeriesError(f"cannot make the router thumbnail: {type(error).__name__}: {error}")
+                except Exception as error:  # noqa: BLE001 - e.g. an image too small to resample: the series'
+                    out[i] = SeriesError(f"cannot make the router thumbnail: {type(error).__name__}: {error}",
+                                         permanent=not out_of_memory(error))
         probabilities = dict(zip(thumbs, self.router.image_probabilities(torch.stack(list(thumbs.values()))))) \
             if thumbs else {}
         shared = (time.perf_counter() - started) / max(len(series), 1)
@@ -156,8 +160,9 @@ class SeriesPipeline:
         for i, s in series.items():
             try:
                 inputs = [self.transforms[route](image).as_tensor() for image in s.images]
-            except (RuntimeError, ValueError) as error:   # e.g. an image too small for the chain
-                out[i] = SeriesError(f"cannot normalize for route {route}: {type(error).__name__}: {error}")
+            except Exception as error:  # noqa: BLE001 - e.g. an image too small for the chain: the series'
+                out[i] = SeriesError(f"cannot normalize for route {route}: {type(error).__name__}: {error}",
+                                     permanent=not out_of_memory(error))
                 continue
             tensors += inputs
             owners += [i] * len(inputs)

@@ -247,6 +247,9 @@ def load_benchmark(name: str):
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
+    if spec.name in sys.modules:
+        return sys.modules[spec.name]
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module         # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module

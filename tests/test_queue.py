@@ -130,3 +130,21 @@ def test_concurrent_workers_never_claim_the_same_series(store):
         thread.join()
     everything = [pk for slot in claimed for pk in slot]
     assert len(everything) == 40 and len(set(everything)) == 40
+
+
+def test_at_start_up_a_claim_left_by_a_crash_on_its_last_attempt_fails_the_series(store):
+    # A native decoder that aborts the process cannot be caught: without this the series
+    # would be claimed again after every restart and bring the node down each time.
+    stable_series(store, 2)
+    queue = WorkQueue(store.engine)
+    for _ in range(2):
+        queue.claim(5)
+        assert queue.release_claims(max_attempts=3) == 2
+    crashing, other = sorted(queue.claim(5), key=lambda w: w.series_uid)
+    queue.fail(other, "disk hiccup", retry_after_s=0)      # not processing at the crash: left alone
+    assert crashing.attempts == 3 and queue.release_claims(max_attempts=3) == 0
+    row = state_of(store, "9.0")
+    assert row.state == SeriesState.failed and row.claim_token is None
+    assert "3 attempts" in row.last_error and "stopped" in row.last_error
+    assert state_of(store, "9.1").state == SeriesState.stable
+    assert queue.release_claims() == 0                     # without a limit: as before

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from web import services
-from web.auth import CurrentUser, admin, any_user, csrf_token, log_in, log_out, reviewer
+from web.auth import CurrentUser, LoginRefused, admin, any_user, csrf_token, log_in, log_out, reviewer
+from web.errors import RowId, errors
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -42,7 +43,7 @@ def _ctx(request: Request):
     return request.app.state.ctx
 
 
-@router.get("/session", summary="The current user (if any) and the CSRF token for POSTs")
+@router.get("/session", summary="The current user (if any) and the CSRF token for POSTs", responses=errors())
 def session(request: Request):
     token = csrf_token(request)
     name = request.session.get("user")
@@ -51,27 +52,29 @@ def session(request: Request):
             "role": user.role if user and not user.disabled else None, "csrf_token": token}
 
 
-@router.post("/login", summary="Log in; the answer sets the session cookie and a new CSRF token")
+@router.post("/login", summary="Log in; the answer sets the session cookie and a new CSRF token",
+             responses=errors(400, 401, 403, 422, 503))
 def login(request: Request, body: Login):
     outcome = log_in(request, body.name, body.password)
-    if isinstance(outcome, str):
-        return JSONResponse({"detail": outcome}, status_code=401)
+    if isinstance(outcome, LoginRefused):
+        return JSONResponse({"detail": outcome.message}, status_code=outcome.status, headers=outcome.headers)
     request.session.pop("next", None)
     return {"user": outcome.name, "role": outcome.role, "csrf_token": request.session["csrf"]}
 
 
-@router.post("/logout", summary="End the session")
+@router.post("/logout", summary="End the session", responses=errors(403))
 def logout(request: Request):
     log_out(request)
     return {"ok": True}
 
 
-@router.get("/dashboard", summary="Instances per hour (24 h), series by state, models, open flags")
+@router.get("/dashboard", summary="Instances per hour (24 h), series by state, models, open flags",
+            responses=errors(401))
 def dashboard(request: Request, user: CurrentUser = Depends(any_user)):
     return services.dashboard(_ctx(request))
 
 
-@router.get("/links", summary="Links, most probable first (status open by default)")
+@router.get("/links", summary="Links, most probable first (status open by default)", responses=errors(401, 422))
 def links(request: Request, status: Literal["open", "confirmed", "rejected", "all"] = "open",
           user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
@@ -80,8 +83,9 @@ def links(request: Request, status: Literal["open", "confirmed", "rejected", "al
     return [v.to_json() for v in views]
 
 
-@router.get("/links/{link_id}", summary="One link: both studies, evidence, history, queue neighbours")
-def link(request: Request, link_id: int, user: CurrentUser = Depends(any_user)):
+@router.get("/links/{link_id}", summary="One link: both studies, evidence, history, queue neighbours",
+            responses=errors(401, 404, 422))
+def link(request: Request, link_id: RowId, user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
     try:
         item = services.review_item(ctx, link_id)
@@ -91,8 +95,9 @@ def link(request: Request, link_id: int, user: CurrentUser = Depends(any_user)):
     return item
 
 
-@router.post("/links/{link_id}/review", summary="Confirm, reject or reopen a link (archivist or admin)")
-def review(request: Request, link_id: int, body: Review, user: CurrentUser = Depends(reviewer)):
+@router.post("/links/{link_id}/review", summary="Confirm, reject or reopen a link (archivist or admin)",
+             responses=errors(400, 401, 403, 404, 409, 422))
+def review(request: Request, link_id: RowId, body: Review, user: CurrentUser = Depends(reviewer)):
     try:
         return services.decide(_ctx(request), link_id, body.decision, user.name, body.note)
     except services.NotFound:
@@ -102,8 +107,9 @@ def review(request: Request, link_id: int, body: Review, user: CurrentUser = Dep
 
 
 @router.get("/patients/{patient_pk}/priors",
-            summary="A person's timeline across IDs joined by confirmed links (linkage.priors)")
-def priors(request: Request, patient_pk: int, user: CurrentUser = Depends(any_user)):
+            summary="A person's timeline across IDs joined by confirmed links (linkage.priors)",
+            responses=errors(401, 404, 422))
+def priors(request: Request, patient_pk: RowId, user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
     try:
         result = services.timeline(ctx, patient_pk)
@@ -113,7 +119,8 @@ def priors(request: Request, patient_pk: int, user: CurrentUser = Depends(any_us
     return result
 
 
-@router.post("/patients/search", summary="Patients by exact Patient ID (and issuer) or part of a name")
+@router.post("/patients/search", summary="Patients by exact Patient ID (and issuer) or part of a name",
+             responses=errors(400, 401, 403, 422))
 def search(request: Request, body: PatientSearch, user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
     results = services.search(ctx, body.patient_id, body.issuer, body.name)
@@ -121,7 +128,8 @@ def search(request: Request, body: PatientSearch, user: CurrentUser = Depends(an
     return results
 
 
-@router.get("/audit", summary="The web audit trail and the link events, newest first (admin)")
+@router.get("/audit", summary="The web audit trail and the link events, newest first (admin)",
+            responses=errors(401, 403, 422))
 def audit(request: Request, limit: int = 200, user: CurrentUser = Depends(admin)):
     return services.audit_log(_ctx(request), max(1, min(limit, 5000)))
 

@@ -6,11 +6,12 @@ and what the tests drive with FastAPI's TestClient.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
@@ -20,8 +21,10 @@ from starlette.middleware.sessions import SessionMiddleware
 from dicom_node import __version__
 from dicom_node.config import Settings
 from web.auth import LoginRequired, SessionGuard, csrf_guard, csrf_token
+from web.errors import validation_detail
 from web.services import WebContext
 
+log = logging.getLogger("dicom_node.web")
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals["version"] = __version__
@@ -46,32 +49,16 @@ def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(csrf_guard)])
     app.state.ctx = WebContext(settings, engine)
-    app.state.guard = SessionGuard(settings.web.session_lifetime_s, app.state.ctx.accounts)
+    app.state.guard = SessionGuard(settings.web.session_lifetime_s, app.state.ctx.accounts,
+                                   settings.web.max_concurrent_password_checks)
     secure = settings.web.tls_cert_file is not None or settings.web.secure_cookies
     app.state.secure = secure
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        headers = response.headers
-        headers["Content-Security-Policy"] = CSP
-        headers["X-Frame-Options"] = "DENY"
-        headers["X-Content-Type-Options"] = "nosniff"
-        headers["Referrer-Policy"] = "no-referrer"
-        headers["Cross-Origin-Opener-Policy"] = "same-origin"
-        headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
-        if request.url.path.startswith("/static/"):
-            headers["Cache-Control"] = "public, max-age=3600"
-        else:   # every page and image may show patient data: never kept by a browser or proxy
-            headers["Cache-Control"] = "no-store"
-            headers["Pragma"] = "no-cache"
-        if secure:
-            headers["Strict-Transport-Security"] = "max-age=31536000"
-        return response
-
-    # Added last so it runs first: the session exists for the headers middleware and routes.
+    # Middleware added later runs earlier: the session exists for the routes, and the headers
+    # middleware, outermost, sees every answer (with the session cookie, and 500s too).
     app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="dicomnode_session",
                        max_age=settings.web.session_lifetime_s, same_site="lax", https_only=secure)
+    app.add_middleware(SecurityHeaders, secure=secure)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _exc: LoginRequired):
@@ -91,11 +78,10 @@ def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         # The default answer echoes the input back; it may hold identifiers.
-        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        detail, fields = validation_detail(exc.errors())
         if _is_api(request):
-            return JSONResponse({"detail": "invalid request", "fields": fields}, status_code=422)
-        return render(request, "error.html", status_code=422, status=422,
-                      message="invalid request: " + ", ".join(fields))
+            return JSONResponse({"detail": detail, "fields": fields}, status_code=422)
+        return render(request, "error.html", status_code=422, status=422, message=detail)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages.router)
@@ -105,4 +91,59 @@ def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
 
 def _is_api(request: Request) -> bool:
     """JSON answers for the API; the API's docs page is a page like the others."""
-    return request.url.path.startswith("/api/") and request.url.path != "/api/docs"
+    return _is_api_path(request.url.path)
+
+
+def _is_api_path(path: str) -> bool:
+    return path.startswith("/api/") and path != "/api/docs"
+
+
+def security_headers(path: str, secure: bool) -> list[tuple[bytes, bytes]]:
+    headers = [("Content-Security-Policy", CSP), ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+               ("Referrer-Policy", "no-referrer"), ("Cross-Origin-Opener-Policy", "same-origin"),
+               ("Permissions-Policy", "camera=(), microphone=(), geolocation=()")]
+    if path.startswith("/static/"):
+        headers.append(("Cache-Control", "public, max-age=3600"))
+    else:   # every page and image may show patient data: never kept by a browser or proxy
+        headers += [("Cache-Control", "no-store"), ("Pragma", "no-cache")]
+    if secure:
+        headers.append(("Strict-Transport-Security", "max-age=31536000"))
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware, outermost: the security headers on every answer, and an unhandled
+    error turned into a plain 500 that carries them too. (An `exception_handler(Exception)`
+    answers from Starlette's ServerErrorMiddleware, outside every other middleware, so its
+    answer would go out bare; and it re-raises, so the server would log the error a second time.)"""
+
+    def __init__(self, app, secure: bool) -> None:
+        self.app, self.secure = app, secure
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ours = security_headers(scope["path"], self.secure)
+        names = {k for k, _ in ours}
+        started = False
+
+        async def send_with_headers(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": kept + ours}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if started:         # too late for another answer: the server closes the connection and logs it
+                raise
+            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+            if _is_api_path(scope["path"]):
+                answer: Response = JSONResponse({"detail": "internal server error"}, status_code=500)
+            else:
+                answer = PlainTextResponse("500: internal server error (it has been logged)", status_code=500)
+            await answer(scope, receive, send_with_headers)

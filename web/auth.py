@@ -29,8 +29,16 @@ from db.store import utcnow
 ROLES = ("archivist", "clinician", "admin")
 REVIEWERS = ("archivist", "admin")
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-# Failed logins per user name in the window before further tries are refused until it passes.
+# Login attempts per user name in the window before further tries are refused until it passes.
+# An attempt counts from the moment its password check is reserved, not when it fails, so a
+# burst of parallel guesses cannot all be checked before the first failure is recorded.
 MAX_FAILURES, FAILURE_WINDOW_S = 5, 900
+# How long a login waits for a password-check slot (web.max_concurrent_password_checks) before
+# it is answered 503: each argon2 check holds 64 MiB, so logins never queue up behind them.
+PASSWORD_SLOT_WAIT_S = 1.0
+RETRY_AFTER_S = 2
+# Above this many names in the failure table, names whose attempts are all past the window go.
+_SWEEP_AT = 10_000
 
 
 class LoginRequired(Exception):
@@ -52,14 +60,17 @@ class CurrentUser:
 
 
 class SessionGuard:
-    """State behind the cookies: revoked session ids (in the database, through `accounts`) and
-    failed-login counts (in memory: a restart only resets the throttling window)."""
+    """State behind the cookies: revoked session ids (in the database, through `accounts`),
+    login attempts per name and the password-check slots (in memory: a restart only resets the
+    throttling window)."""
 
-    def __init__(self, lifetime_s: int, accounts: AccountStore) -> None:
+    def __init__(self, lifetime_s: int, accounts: AccountStore, password_checks: int = 2) -> None:
         self.lifetime_s = lifetime_s
         self._accounts = accounts
-        self._failures: dict[str, deque] = defaultdict(deque)
+        self._attempts: dict[str, deque] = defaultdict(deque)
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(password_checks)
+        self.slot_wait_s = PASSWORD_SLOT_WAIT_S
 
     def revoke(self, sid: str | None) -> None:
         if sid:
@@ -68,21 +79,52 @@ class SessionGuard:
     def revoked(self, sid: str) -> bool:
         return self._accounts.session_revoked(sid)
 
-    def throttled(self, name: str) -> bool:
-        now = time.time()
+    def reserve(self, name: str) -> float | None:
+        """Count one login attempt for `name`, or None when its window is full. Check and count
+        are one step under the lock: at most MAX_FAILURES attempts per window get checked."""
+        now = time.monotonic()
         with self._lock:
-            tries = self._failures[name.lower()]
+            if len(self._attempts) > _SWEEP_AT:
+                for key in [k for k, v in self._attempts.items() if not v or v[-1] < now - FAILURE_WINDOW_S]:
+                    del self._attempts[key]
+            tries = self._attempts[name.lower()]
             while tries and tries[0] < now - FAILURE_WINDOW_S:
                 tries.popleft()
-            return len(tries) >= MAX_FAILURES
+            if len(tries) >= MAX_FAILURES:
+                return None
+            tries.append(now)
+            return now
 
-    def failed(self, name: str) -> None:
+    def unreserve(self, name: str, ticket: float) -> None:
+        """Give back an attempt whose password was never checked (no slot was free)."""
         with self._lock:
-            self._failures[name.lower()].append(time.time())
+            tries = self._attempts.get(name.lower())
+            if tries is not None and ticket in tries:
+                tries.remove(ticket)
 
     def succeeded(self, name: str) -> None:
         with self._lock:
-            self._failures.pop(name.lower(), None)
+            self._attempts.pop(name.lower(), None)
+
+    def password_slot(self) -> bool:
+        """Take a password-check slot (give it back with `release_slot`); False when none frees up
+        within `slot_wait_s`."""
+        return self._slots.acquire(timeout=self.slot_wait_s)
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+
+@dataclass(frozen=True)
+class LoginRefused:
+    """Why a login did not happen: the message to show, the status, and Retry-After if any."""
+    message: str
+    status: int = 401
+    retry_after: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
 
 def csrf_token(request: Request) -> str:
@@ -137,25 +179,32 @@ reviewer = require(*REVIEWERS)
 admin = require("admin")
 
 
-def log_in(request: Request, name: str, password: str) -> CurrentUser | str:
-    """Check a name and password; on success start a fresh session. Returns the user, or
-    the message to show. Audited either way."""
-    from web.passwords import hash_password, needs_rehash, verify_password
+def log_in(request: Request, name: str, password: str) -> CurrentUser | LoginRefused:
+    """Check a name and password; on success start a fresh session. Returns the user, or why
+    not. Audited either way."""
+    from web import passwords
 
     ctx, guard = request.app.state.ctx, request.app.state.guard
     name = (name or "").strip()[:64]
-    if guard.throttled(name):
+    ticket = guard.reserve(name)
+    if ticket is None:
         ctx.accounts.audit(name or "?", "login_throttled")
-        return "too many failed logins for this name: wait 15 minutes"
-    user = ctx.accounts.user(name) if name else None
-    ok = verify_password(user.password_hash if user and not user.disabled else None, password or "")
+        return LoginRefused("too many failed logins for this name: wait 15 minutes")
+    if not guard.password_slot():
+        guard.unreserve(name, ticket)       # never checked: not a guess
+        ctx.accounts.audit(name or "?", "login_busy")
+        return LoginRefused("the server is busy checking other logins: try again in a moment", 503, RETRY_AFTER_S)
+    try:
+        user = ctx.accounts.user(name) if name else None
+        ok = passwords.verify_password(user.password_hash if user and not user.disabled else None, password or "")
+        if ok and passwords.needs_rehash(user.password_hash):
+            ctx.accounts.set_password_hash(user.name, passwords.hash_password(password))
+    finally:
+        guard.release_slot()
     if not ok:
-        guard.failed(name)
-        ctx.accounts.audit(name or "?", "login_failed")
-        return "wrong name or password"
+        ctx.accounts.audit(name or "?", "login_failed")     # the attempt stays counted
+        return LoginRefused("wrong name or password")
     guard.succeeded(name)
-    if needs_rehash(user.password_hash):
-        ctx.accounts.set_password_hash(user.name, hash_password(password))
     after = request.session.get("next")
     request.session.clear()       # a new session: nothing from before the login carries over
     request.session.update({"user": user.name, "sid": secrets.token_urlsafe(16), "at": int(time.time()),

@@ -7,7 +7,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 
-from web.auth import CurrentUser, admin, any_user, log_in, log_out, reviewer
+from web.auth import CurrentUser, LoginRefused, admin, any_user, log_in, log_out, reviewer
+from web.errors import RowId
 from web.services import Conflict, NotFound
 from web import services
 
@@ -38,8 +39,10 @@ def login_page(request: Request):
 @router.post("/login")
 def login(request: Request, name: str = Form(""), password: str = Form("")):
     outcome = log_in(request, name, password)
-    if isinstance(outcome, str):
-        return _render(request, "login.html", None, status_code=401, error=outcome, name=name[:64])
+    if isinstance(outcome, LoginRefused):
+        page = _render(request, "login.html", None, status_code=outcome.status, error=outcome.message, name=name[:64])
+        page.headers.update(outcome.headers)
+        return page
     return _see_other(request.session.pop("next", None) or "/")
 
 
@@ -68,7 +71,7 @@ def review_queue(request: Request, user: CurrentUser = Depends(any_user)):
 # ----- one link ----------------------------------------------------------------------------
 
 @router.get("/links/{link_id}")
-def review_page(request: Request, link_id: int, user: CurrentUser = Depends(any_user)):
+def review_page(request: Request, link_id: RowId, user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
     try:
         item = services.review_item(ctx, link_id)
@@ -80,7 +83,7 @@ def review_page(request: Request, link_id: int, user: CurrentUser = Depends(any_
 
 
 @router.post("/links/{link_id}/review")
-def review(request: Request, link_id: int, decision: str = Form(...), note: str = Form(""),
+def review(request: Request, link_id: RowId, decision: str = Form(...), note: str = Form(""),
            user: CurrentUser = Depends(reviewer)):
     if decision not in ("confirm", "reject", "reopen"):
         raise HTTPException(422, "decision is confirm, reject or reopen")
@@ -96,7 +99,7 @@ def review(request: Request, link_id: int, decision: str = Form(...), note: str 
 
 
 @router.get("/thumbnails/series/{series_pk}.png")
-def thumbnail(request: Request, series_pk: int, user: CurrentUser = Depends(any_user)):
+def thumbnail(request: Request, series_pk: RowId, user: CurrentUser = Depends(any_user)):
     from web.thumbnails import ThumbnailError
 
     try:
@@ -111,7 +114,7 @@ def thumbnail(request: Request, series_pk: int, user: CurrentUser = Depends(any_
 # ----- patients ----------------------------------------------------------------------------
 
 @router.get("/patients/{patient_pk}")
-def patient_timeline(request: Request, patient_pk: int, user: CurrentUser = Depends(any_user)):
+def patient_timeline(request: Request, patient_pk: RowId, user: CurrentUser = Depends(any_user)):
     ctx = _ctx(request)
     try:
         result = services.timeline(ctx, patient_pk)
@@ -171,7 +174,7 @@ def add_user(request: Request, name: str = Form(...), role: str = Form(...), pas
 
 
 @router.post("/users/{user_id}/disabled")
-def set_disabled(request: Request, user_id: int, disabled: str = Form(...), user: CurrentUser = Depends(admin)):
+def set_disabled(request: Request, user_id: RowId, disabled: str = Form(...), user: CurrentUser = Depends(admin)):
     ctx = _ctx(request)
     target = ctx.accounts.user(user_id=user_id)
     if target is None:

@@ -195,12 +195,23 @@ def timeline(ctx: WebContext, patient_pk: int) -> dict:
     """linkage.priors for one patient row, with internal pks added for navigation: each
     study marked with how it joined the person (own ID or a confirmed link) and the open
     links that touch it; open links and misfiled studies listed apart."""
-    from linkage.priors import OWN, priors
+    from linkage.priors import OWN, PriorsError, priors
 
     record = ctx.links.patient_records([patient_pk]).get(patient_pk)
     if record is None:
         raise NotFound(f"no patient {patient_pk}")
-    result = priors(ctx.links, patient_id=record.patient_id, issuer=record.issuer)
+    try:
+        if record.patient_id:
+            result = priors(ctx.links, patient_id=record.patient_id, issuer=record.issuer)
+        else:
+            # DICOM allows an empty Patient ID, which priors() refuses as a key: seed by one of the
+            # row's studies instead, which names the same patient row.
+            own = ctx.links.find_studies(patient_pks=[patient_pk])
+            if not own:
+                raise NotFound(f"patient {patient_pk} has no studies")
+            result = priors(ctx.links, study_uid=own[0].study_uid)
+    except PriorsError as error:
+        raise NotFound(str(error)) from None
     uids = [s["study_uid"] for s in result["studies"] + result["misfiled"]]
     uids += [o["other_study_uid"] for o in result["open_links"]]
     studies = {r.study_uid: r for r in ctx.links.find_studies(study_uids=uids)} if uids else {}

@@ -21,6 +21,8 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+from models.errors import FATAL
+
 SIZE = 256
 
 
@@ -29,35 +31,66 @@ class ThumbnailError(Exception):
 
 
 def render(path: Path, size: int = SIZE) -> bytes:
+    """PNG bytes of the middle frame; ThumbnailError for anything that cannot be shown."""
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
-    except Exception as error:  # noqa: BLE001 - anything undecodable is "no thumbnail"
+    except FATAL:
+        raise
+    except BaseException as error:  # noqa: BLE001 - anything undecodable is "no thumbnail"; Rust decoders
+        # (pylibjpeg-rle) raise pyo3's PanicException, a BaseException, on a corrupted stream
         raise ThumbnailError(f"cannot decode pixels: {type(error).__name__}") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        pixels = pixels[frames // 2]
-    if photometric == "PALETTE COLOR":
-        image = _to_uint8(apply_color_lut(pixels, ds), stretch=False)
-    elif samples == 3:
-        image = _to_uint8(pixels, stretch=pixels.dtype != np.uint8)
-    else:
-        values = apply_modality_lut(pixels, ds)
-        windowed = "WindowCenter" in ds or "VOILUTSequence" in ds
-        if windowed:
-            values = apply_voi_lut(values, ds, index=0)
-        image = _to_uint8(values, stretch=True)
-        if photometric == "MONOCHROME1":
-            image = 255 - image
-    if image.ndim not in (2, 3):
-        raise ThumbnailError("not a 2D image")
+    try:
+        image = _display(ds, pixels)
+    except ThumbnailError:
+        raise
+    except Exception as error:  # noqa: BLE001 - odd headers (bad LUTs, depths, shapes) must not be a 500
+        raise ThumbnailError(f"cannot render pixels: {type(error).__name__}") from None
     picture = Image.fromarray(image)
     picture.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     picture.save(out, format="PNG", optimize=False)
     return out.getvalue()
+
+
+def _display(ds, pixels: np.ndarray) -> np.ndarray:
+    """The frame to show as 8-bit grey (rows, cols) or RGB (rows, cols, 3)."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    if pixels.size == 0:
+        raise ThumbnailError("empty image")
+    if photometric == "PALETTE COLOR":
+        image = _to_uint8(apply_color_lut(pixels, ds), stretch=False)
+    elif samples == 3:
+        image = _to_uint8(pixels, stretch=pixels.dtype != np.uint8)
+    else:
+        image = _to_uint8(_grey_values(ds, pixels), stretch=True)
+        if photometric == "MONOCHROME1":
+            image = 255 - image
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ThumbnailError("not a 2D image")
+    return image
+
+
+def _grey_values(ds, pixels: np.ndarray) -> np.ndarray:
+    """Rescale and window as the header says; a malformed rescale or window (a non-number, a
+    zero width) is ignored, as a viewer would, and the min-max stretch shows the raw values."""
+    try:
+        values = apply_modality_lut(pixels, ds)
+    except Exception:  # noqa: BLE001
+        values = pixels
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        try:
+            values = apply_voi_lut(values, ds, index=0)
+        except Exception:  # noqa: BLE001
+            pass
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ThumbnailError("pixel values are not finite numbers")
+    return values
 
 
 def _to_uint8(values: np.ndarray, stretch: bool) -> np.ndarray:
