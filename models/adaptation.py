@@ -80,7 +80,9 @@ def adapt_batchnorm(net: nn.Module, images: np.ndarray, views: str | None = None
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None            # cumulative average over every batch, not an exponential one
-    adapted.train()
+    adapted.eval()                       # only batch norm in training mode: EfficientNet-Lite's stochastic depth
+    for layer in layers:                 # (models/backbones.py) would drop blocks while the statistics are taken
+        layer.train()
     device = device or next(adapted.parameters()).device
     for k in range(0, len(images), batch):
         chunk = images[k:k + batch]

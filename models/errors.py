@@ -48,3 +48,9 @@ def describe(error: BaseException, what: str = "native code", with_type: bool = 
     if isinstance(error, MemoryError):
         return f"out of memory{': ' + one_line(error) if str(error) else ''}"
     return f"{type(error).__name__}: {one_line(error)}" if with_type else one_line(error)
+
+
+class WeightsError(Exception):
+    """Weights on disk that cannot be used (missing card, bad checksum, wrong shapes, a backbone package not
+    installed). Defined here, re-exported by models.networks, so that models.backbones can raise it without
+    importing models.networks (which imports it)."""

@@ -33,7 +33,8 @@ CHECK_WEIGHT_GRID; `--update-card` writes them into the card, and the recorded m
 were chosen on these pairs).
 
 Output folder: metrics.json (model, baseline "pixel-cosine" = cosine of 32 x 32 area-downsampled,
-zero-mean pixels of the same normalized input, 16^3 for volumes), roc.png, cmc.png, scores.png.
+zero-mean pixels of the same normalized input, 16^3 for volumes; for 2D routes baseline "frozen-lite0" =
+ImageNet EfficientNet-Lite0 features, models.frozen_baseline), roc.png, cmc.png, scores.png.
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def manifest_embeddings(route: str, manifest: Path, weights_dir: Path | None, de
 
 
 def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, device: torch.device,
-                      all_patients: bool = False, progress: bool = False, choose_check_weights: bool = False) -> dict:
+                      all_patients: bool = False, progress: bool = False, choose_check_weights: bool = False,
+                      baseline_backbone: str | None = None) -> dict:
     """Score a manifest: 2D image files, or DICOM series (a folder or a .dcm file per row, loaded with the
     pipeline's loader, so the volume routes can be scored too), at the card's input geometry."""
     from models.db_data import pixel_embeddings
+    from models.frozen_baseline import frozen_metrics, frozen_vectors
     from models.verification import VerificationSettings, manifest_features
     model, ex, emb, note, geometry = manifest_embeddings(route, manifest, weights_dir, device, all_patients, progress)
     verification = VerificationSettings.from_card(model.card)
@@ -161,6 +164,7 @@ def evaluate_manifest(route: str, manifest: Path, weights_dir: Path | None, devi
     else:
         results = {"model": M.identity_metrics(emb, ex.labels, curves=True)}
     results["pixel-cosine"] = M.identity_metrics(pixel_embeddings(ex), ex.labels, with_pml=False, curves=True)
+    results.update(frozen_metrics(frozen_vectors(ex, route, baseline_backbone, source), ex.labels))
     return {**report, "results": results}
 
 
@@ -228,7 +232,8 @@ def db_embeddings(route: str, database_url: str, sqlite_synchronous: str = "FULL
 
 def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_synchronous: str = "FULL",
                 storage_dir: Path | None = None, all_patients: bool = False, recompute: bool = False,
-                progress: bool = False, max_checked_series: int = 600, choose_check_weights: bool = False) -> dict:
+                progress: bool = False, max_checked_series: int = 600, choose_check_weights: bool = False,
+                baseline_backbone: str | None = None) -> dict:
     """Score the archive's series of `route`, labelled by issuer|Patient ID.
 
     Stored embeddings of the current registry model are used when present (else, without a
@@ -240,6 +245,7 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
     """
     from models.adaptation import adaptation_note, archive_source
     from models.db_data import embed_examples, load_examples, patients_up_to, pixel_embeddings, redact_url
+    from models.frozen_baseline import frozen_metrics, frozen_vectors, stored_note
     from models.networks import load_identity_model
     from models.verification import VerificationSettings, archive_features
     model = load_identity_model(route, weights_dir, torch.device("cpu"))
@@ -257,14 +263,15 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
             stored = None
         if stored and storage_dir is not None and stored[2] != {"name": model.name, "version": model.version}:
             stored = None
-    results = {}
+    results, frozen = {}, None
     if stored:
         vectors, labels, used, note, series_pks = stored
         if keep is not None:
             mask = np.array([lab in keep for lab in labels])
             vectors, labels = vectors[mask], [lab for lab, m in zip(labels, mask) if m]
             series_pks = [pk for pk, m in zip(series_pks, mask) if m]
-        source = {"database": "stored embeddings", "selection": f"{note}; {selection}"}
+        source = {"database": "stored embeddings", "selection": f"{note}; {selection}",
+                  "frozen_baseline": stored_note(route, baseline_backbone)}
     else:
         if storage_dir is None:
             raise ValueError(f"no stored embeddings for route {route}")
@@ -277,6 +284,7 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
         pixels = pixel_embeddings(ex)
         source = {"database": "series embedded now with the current model", "selection": selection,
                   "input": geometry, "series": info["series"], "skipped_series": info["skipped_series"]}
+        frozen = frozen_vectors(ex, route, baseline_backbone, source)
     current = used == {"name": model.name, "version": model.version}
     calibration = model.card.get("calibration") if current else None
     verification = VerificationSettings.from_card(model.card)
@@ -292,6 +300,7 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
         results.update(checked_results(vectors, labels, features, verification, checked, choose_check_weights, progress))
         if not stored:
             pixels = pixels[chosen]
+            frozen = frozen and (frozen[0], frozen[1][chosen])
     else:
         results["model"] = M.identity_metrics(vectors, labels, curves=True)
         if verification:
@@ -300,6 +309,7 @@ def evaluate_db(route: str, database_url: str, weights_dir: Path | None, sqlite_
             calibration = None
     if not stored:
         results["pixel-cosine"] = M.identity_metrics(pixels, labels, with_pml=False, curves=True)
+    results.update(frozen_metrics(frozen, labels))
     return {**checked, "route": route, "source": source, "model": used, "results": results, "calibration": calibration}
 
 
@@ -312,8 +322,8 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     if (card.get("name"), card.get("version")) != (report["model"]["name"], report["model"]["version"]):
         raise ValueError(f"{card_path}: the report is of another model")
     r = report["results"]["model"]
-    baselines = {name: M.summary(report["results"][name]) for name in ("embedding only", "pixel-cosine")
-                 if name in report["results"]}
+    baselines = {name: M.summary(r) for name, r in report["results"].items()
+                 if name in ("embedding only", "pixel-cosine") or name.startswith("frozen-")}
     card.setdefault("metrics", {}).setdefault("heldout", {})[dataset] = {
         **M.summary(r), "source": report["source"], "command": report.get("command", ""), **baselines}
     chosen = report.get("check_weights")
@@ -402,6 +412,8 @@ def write_report(report: dict, out: Path | None, json_path: Path | None = None) 
 def format_summary(report: dict) -> str:
     lines = [f"route {report['route']}  model {report['model']['name']} {report['model']['version']}",
              f"source {report['source']}"]
+    if report["source"].get("frozen_baseline"):
+        lines.append(f"frozen-backbone baseline: {report['source']['frozen_baseline']}")
     for name, r in report["results"].items():
         lines.append(f"{name:>14}: Rank-1 {r['rank1']:.3f}  Rank-5 {r['rank5']:.3f}  mAP {r['mAP']:.3f}  "
                      f"AUC {r['roc_auc']:.3f}  EER {r['eer']:.3f}  TAR@FAR1e-3 {r['tar_at_far_1e-3']:.3f}  "

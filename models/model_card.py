@@ -37,9 +37,18 @@ def with_standard_limitations(given: str | None) -> str:
     return "; ".join(p for p in (given, STANDARD_LIMITATIONS) if p)
 
 
+def optimizer_note(cfg) -> str:
+    groups = (f"; backbone lr x {cfg.backbone_lr_scale:g}, head (pooling, embedding layer) lr as given"
+              if cfg.backbone_lr_scale != 1.0 else "")
+    frozen = f"; stem and first {cfg.freeze_blocks} blocks frozen (weights and batch-norm statistics)" \
+        if cfg.freeze_blocks else ""
+    return f"AdamW(lr={cfg.lr}, wd=1e-4), cosine schedule{groups}{frozen}"
+
+
 def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict, cal, data: dict,
-                  val_patients: list[str], device, stop_reason: str) -> dict:
-    """card.json of a run: `val` the best epoch's validation metrics, `cal` its calibration."""
+                  val_patients: list[str], device, stop_reason: str, backbone: dict | None = None) -> dict:
+    """card.json of a run: `val` the best epoch's validation metrics, `cal` its calibration; `backbone` the
+    ImageNet weights the network started from (models.backbones.provenance), for a backbone network."""
     digest = sha256_file(model_path)
     now = dt.datetime.now(dt.UTC)
     return {
@@ -47,6 +56,7 @@ def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict,
         "version": card_version(f"{now:%Y%m%d}-{cfg.loss}-{digest[:8]}", cfg.test_time_views),
         "route": cfg.route,
         "arch": spec_dict(spec),
+        **({"backbone": backbone} if backbone else {}),
         "input": {**geometry, "transform": f"models.transforms.route_chain({cfg.route!r}, input)"},
         **({"test_time_views": cfg.test_time_views} if cfg.test_time_views != "none" else {}),
         "sha256": digest,
@@ -65,7 +75,7 @@ def training_card(cfg, spec, geometry, model_path: Path, state: dict, val: dict,
                                  f"{cfg.m_per_class}, batch={cfg.batch_size} (models.hard_batches"
                                  f"{', labels trusted' if cfg.trust_labels else ''})" if cfg.hard_batches
                                  else f"MPerClassSampler(m={cfg.m_per_class}, batch={cfg.batch_size})"),
-                     "optimizer": f"AdamW(lr={cfg.lr}, wd=1e-4), cosine schedule",
+                     "optimizer": optimizer_note(cfg),
                      "augment": describe(cfg.route, geometry), "epochs_run": state["epoch"],
                      "best_epoch": state["best_epoch"], "stop": stop_reason, "seconds": round(state["seconds"], 1),
                      "device": str(device), "threads": torch.get_num_threads(), "seed": cfg.seed,

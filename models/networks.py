@@ -6,6 +6,9 @@ widths 32-256, 7x7 stride-2 stem); volume routes (chest_ct, brain_mr) a 3D ResNe
 backbone's fully connected layer is the embedding head (256 outputs), then L2
 normalization. Sizes were picked for the speed targets on 2 CPU cores (docs/benchmarks.md).
 
+A spec with a `backbone` ("imagenet:efficientnet-lite0", models/backbones.py) is instead an
+ImageNet-pretrained EfficientNet-Lite with GeM pooling and the same kind of head (`build_net`).
+
 Weights, per route, in ``weights_dir/<route>/`` (see models/weights/README.md):
 ``model.pt`` (a state_dict) and ``card.json`` (name, version, arch, sha256, ...). Without
 them the network is randomly initialized with a fixed seed and its version says
@@ -26,11 +29,10 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import nn
 
+from models.backbones import BackboneNet, check_definition_version
+from models.errors import WeightsError
+
 log = logging.getLogger("models.networks")
-
-
-class WeightsError(Exception):
-    """Weights on disk that cannot be used (missing card, bad checksum, wrong shapes)."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,13 @@ class NetSpec:
     widths: tuple[int, ...] = (32, 64, 128, 256)
     layers: tuple[int, ...] = (1, 1, 1, 1)
     stem_kernel: int = 7
-    dim: int = 256
+    dim: int = 256                    # backbone networks: 0 = no head, the pooled features themselves
+    backbone: str = ""                # "": the MONAI ResNet above; "imagenet:efficientnet-lite0" (models.backbones)
+    gem_p: float = 3.0                # backbone networks: GeM pooling's starting p
 
     def name(self, route: str) -> str:
+        if self.backbone:
+            return f"{route}-{self.backbone.split(':')[-1]}-gem-d{self.dim}"
         depth = 2 + 2 * sum(self.layers)
         return f"{route}-resnet{depth}-{self.spatial_dims}d-w{self.widths[0]}-d{self.dim}"
 
@@ -66,8 +72,38 @@ class EmbeddingNet(nn.Module):
                                spatial_dims=spec.spatial_dims, n_input_channels=spec.in_channels,
                                conv1_t_size=spec.stem_kernel, conv1_t_stride=2, num_classes=spec.dim)
 
+    @property
+    def out_dim(self) -> int:
+        return self.spec.dim
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before L2 normalization."""
+        return self.backbone(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.backbone(x), dim=1)
+
+    def parts(self) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        """(stem, residual blocks in input order, head) for freezing and per-part learning rates."""
+        r = self.backbone
+        return [r.conv1, r.bn1], [b for layer in (r.layer1, r.layer2, r.layer3, r.layer4) for b in layer], [r.fc]
+
+
+def build_net(spec: NetSpec, pretrained: bool = False) -> nn.Module:
+    """The network of a spec: EmbeddingNet, or BackboneNet for a spec with a backbone (with `pretrained`,
+    starting from its ImageNet weights). WeightsError when the backbone's package is not installed."""
+    if spec.backbone:
+        return BackboneNet(spec, pretrained=pretrained)
+    if pretrained:
+        raise ValueError("only networks with an ImageNet backbone have pretrained weights")
+    return EmbeddingNet(spec)
+
+
+def spec_from_arch(arch: dict | None, default: NetSpec) -> NetSpec:
+    """The NetSpec of a card's `arch` (lists as tuples), `default` without one."""
+    if not arch:
+        return default
+    return NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
 
 
 def _translated(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
@@ -192,7 +228,7 @@ def seeded(build, seed: int):
 @dataclass
 class IdentityModel:
     route: str
-    net: EmbeddingNet
+    net: nn.Module                    # EmbeddingNet or BackboneNet
     name: str
     version: str
     device: torch.device
@@ -200,7 +236,7 @@ class IdentityModel:
 
     @property
     def dim(self) -> int:
-        return self.net.spec.dim
+        return self.net.out_dim
 
     @property
     def views(self) -> str | None:
@@ -223,18 +259,24 @@ def load_identity_model(route: str, weights_dir: Path | None, device: torch.devi
         name, version, card = spec.name(route), f"untrained-seed{seed}", {}
     else:
         card, model_path = found
-        arch = dict(card.get("arch") or {})
-        spec = NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}) if arch \
-            else DEFAULT_SPECS[route]
-        net = EmbeddingNet(spec)
+        spec = spec_from_arch(card.get("arch"), DEFAULT_SPECS[route])
+        where = str(model_path.parent / "card.json")
+        try:
+            net = build_net(spec)       # a trained backbone's weights are all in model.pt: no ImageNet file read
+        except WeightsError as error:
+            raise WeightsError(f"{where}: {error}") from None
+        check_definition_version(card, where)
         load_state(net, model_path)
         name, version = card.get("name") or spec.name(route), str(card.get("version") or "unversioned")
-        check_views(card.get("test_time_views"), str(model_path.parent / "card.json"))
+        check_views(card.get("test_time_views"), where)
         log.info("route %s: loaded %s %s from %s", route, name, version, model_path)
     net.eval().to(device)
     return IdentityModel(route, net, name, version, device, card)
 
 
 def spec_dict(spec: NetSpec) -> dict:
-    """The `arch` entry of a card for this spec."""
-    return asdict(spec)
+    """The `arch` entry of a card for this spec: a ResNet's fields as before backbones existed (the shipped
+    cards' arch unchanged), a backbone network's without the ResNet's widths, layers and stem."""
+    arch = asdict(spec)
+    drop = ("widths", "layers", "stem_kernel") if spec.backbone else ("backbone", "gem_p")
+    return {k: v for k, v in arch.items() if k not in drop}

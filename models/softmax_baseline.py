@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         emb = embed_examples(net, Examples.single(images, labels), torch.device("cpu"))
         result["identity_model_nn"] = nn_accuracy(emb[tr], y[tr], emb[te], y[te])
 
-    head = torch.nn.Linear(net.spec.dim, len(classes))
+    head = torch.nn.Linear(net.out_dim, len(classes))
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(0, len(order), args.batch_size):
             idx = order[k:k + args.batch_size]
             x = torch.stack([torch.as_tensor(aug(img)).clamp(0, 1) for img in as_float(images[idx])])
-            logits = head(net.backbone(x))       # the un-normalized embedding layer feeds the classifier
+            logits = head(net.raw(x))            # the un-normalized embedding layer feeds the classifier
             loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sched.step()
     net.eval()
     with torch.inference_mode():
-        logits = torch.cat([head(net.backbone(as_float(images[te[k:k + 64]]))) for k in range(0, len(te), 64)])
+        logits = torch.cat([head(net.raw(as_float(images[te[k:k + 64]]))) for k in range(0, len(te), 64)])
     top5 = logits.topk(5, dim=1).indices.numpy()
     result["softmax"] = {"top1": float(np.mean(top5[:, 0] == y[te])),
                          "top5": float(np.mean([y[i] in t for i, t in zip(te, top5)])),

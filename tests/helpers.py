@@ -71,6 +71,15 @@ def _postgres_database() -> str:
     return name
 
 
+def module_database(kind: str, folder: Path) -> tuple[str, str | None]:
+    """(URL, PostgreSQL database name or None) for a module-scoped node: a throw-away
+    PostgreSQL database (skips when no server answers), or SQLite under `folder`."""
+    if kind == "postgresql":
+        database = _postgres_database()
+        return f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{database}", database
+    return f"sqlite:///{folder / 'node.db'}", None
+
+
 def _drop_postgres_database(name: str) -> None:
     import psycopg
 

@@ -21,10 +21,9 @@ from db.engine import make_engine
 from db.links import LinkStore
 from dicom_node.qrscp import CANCEL, PENDING, make_find_handler
 from tests.helpers import (
-    POSTGRES_ADMIN_URL,
     RunningNode,
     _drop_postgres_database,
-    _postgres_database,
+    module_database,
     need,
     node_config,
     write_toml,
@@ -70,12 +69,7 @@ def seeded(request, tmp_path_factory):
     confirmed misfiled, P9-P1 open."""
     storescu = need("storescu")
     tmp = tmp_path_factory.mktemp(f"cfind_{request.param}")
-    database = None
-    if request.param == "postgresql":
-        database = _postgres_database()
-        url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
-    else:
-        url = f"sqlite:///{tmp / 'node.db'}"
+    url, database = module_database(request.param, tmp)
     config = node_config(tmp, url)
     node = RunningNode(write_toml(tmp / "node.toml", config), config)
     try:

@@ -30,8 +30,7 @@ from db.models import Patient, Series, SeriesState, Study
 from dicom_node.config import QuerySettings, load_settings
 from dicom_node.matching import key_matcher, matches
 from dicom_node.qrscp import OUT_OF_RESOURCES, PENDING, SUCCESS, make_find_handler
-from tests.helpers import POSTGRES_ADMIN_URL, RunningNode, _drop_postgres_database, _postgres_database, node_config, \
-    write_toml
+from tests.helpers import RunningNode, _drop_postgres_database, module_database, node_config, write_toml
 from tests.test_priors import add_study
 
 N_STUDIES = 10_000
@@ -159,12 +158,7 @@ def bulk_studies(engine, n: int) -> None:
 def big(request, tmp_path_factory):
     """A running node (shipped [query] defaults) holding N_STUDIES studies."""
     tmp = tmp_path_factory.mktemp(f"cfind_big_{request.param}")
-    database = None
-    if request.param == "postgresql":
-        database = _postgres_database()
-        url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
-    else:
-        url = f"sqlite:///{tmp / 'node.db'}"
+    url, database = module_database(request.param, tmp)
     engine = make_engine(url)
     upgrade(engine)
     bulk_studies(engine, N_STUDIES)

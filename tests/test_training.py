@@ -118,7 +118,7 @@ def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
     assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(weights),
                  "--out", str(report_dir), "--json", str(json_path)]) == 0
     report = json.loads(json_path.read_text())
-    assert set(report["results"]) == {"model", "pixel-cosine"}
+    assert set(report["results"]) == {"model", "pixel-cosine", "frozen-lite0"}      # models/frozen_baseline.py
     m = report["results"]["model"]
     assert m["images"] == 18 and m["patients"] == 6 and m["gallery_size"] == 17
     for key in ("rank1", "rank5", "mAP", "roc_auc", "eer", "tar_at_far_1e-3"):
@@ -145,7 +145,7 @@ def test_evaluate_scores_cosine_plus_the_verification_bonus_when_the_card_asks(t
     card_path.write_text(json.dumps(card))
     assert main(args + ["--json", str(tmp_path / "v.json"), "--update-card", "set"]) == 0
     plain, verified = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "v.json"))
-    assert set(verified["results"]) == {"model", "embedding only", "pixel-cosine"}
+    assert set(verified["results"]) == {"model", "embedding only", "pixel-cosine", "frozen-lite0"}
     assert verified["results"]["embedding only"]["mAP"] == pytest.approx(plain["results"]["model"]["mAP"])
     assert verified["source"]["verification"]["size"] == 256
     # same synthetic anatomy with a small jitter: the bonus separates the persons further

@@ -256,7 +256,7 @@ def test_evaluate_from_db_checks_image_pairs_when_the_card_asks_and_refits_both_
     assert main([*args, "--update-card", "site-archive"]) == 0
     r = json.loads(report.read_text())
     assert r["source"]["verification"]["size"] == 160
-    assert set(r["results"]) == {"model", "embedding only", "pixel-cosine"}
+    assert set(r["results"]) == {"model", "embedding only", "pixel-cosine", "frozen-lite0"}
     model, alone = r["results"]["model"], r["results"]["embedding only"]
     assert model["images"] == alone["images"] == 4                     # the card's 2 validation patients x 2 visits
     assert model["roc_auc"] >= alone["roc_auc"] and model["mAP"] >= alone["mAP"]   # each retina matches its own
