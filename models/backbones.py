@@ -105,7 +105,8 @@ def weights_file(b: Backbone) -> Path:
     return Path(getattr(module, b.locator).get_model_file_path())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read a megabyte at a time (weights files, model.pt)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -119,7 +120,7 @@ def provenance(name: str) -> dict:
     path = weights_file(b)
     return {"name": b.name, "definition": {"package": DEFINITION[0], "version": _version(DEFINITION[0])},
             "weights": {"package": b.package, "version": _version(b.package), "file": path.name,
-                        "sha256": _sha256(path)},
+                        "sha256": sha256_file(path)},
             "input": INPUT_NOTE, "pooling": "GeM, p learnable from 3"}
 
 
@@ -168,7 +169,7 @@ class BackboneNet(nn.Module):
 
     def load_imagenet(self, b: Backbone) -> None:
         path = weights_file(b)
-        if _sha256(path) != b.sha256:
+        if sha256_file(path) != b.sha256:
             raise WeightsError(f"{path}: sha256 differs from that of {b.package}=={b.pin} (another version?)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}

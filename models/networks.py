@@ -17,7 +17,6 @@ them the network is randomly initialized with a fixed seed and its version says
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import nn
 
-from models.backbones import BackboneNet, check_definition_version
+from models.backbones import BackboneNet, check_definition_version, sha256_file  # noqa: F401 - re-exported
 from models.errors import WeightsError
 
 log = logging.getLogger("models.networks")
@@ -182,14 +181,6 @@ def embed_views(net: nn.Module, x: torch.Tensor, views: str | None = None) -> to
     if views == "none":
         return net(x)
     return F.normalize(torch.stack([net(v) for v in TEST_TIME_VIEWS[views](x)]).mean(0), dim=1)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_card(folder: Path) -> tuple[dict, Path] | None:
