@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID  # noqa: E402
 
+from dicom_node.framing import LONG_VRS  # noqa: E402
 from dicom_node.part10 import split_part10  # noqa: E402
 
 SEEDS = {  # pydicom's sample files: one per transfer syntax family
@@ -109,7 +110,7 @@ def explicit_offsets(data: bytes) -> list[int]:
     while pos + 8 <= len(data):
         offsets.append(pos)
         vr = data[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"):
+        if vr in LONG_VRS:
             length = struct.unpack_from("<I", data, pos + 8)[0] if pos + 12 <= len(data) else 0
             pos += 12 + (0 if length == 0xFFFFFFFF else length)
             if length == 0xFFFFFFFF:

@@ -22,8 +22,13 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_KNOWN_VRS = {v.value.encode() for v in VR if len(v.value) == 2}
+LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# The walk reads a VR as one 16-bit number (its two ASCII bytes, whatever the byte order), so
+# the hot loop builds no bytes object, on bytes and on an inflated bytearray alike.
+_VR_CODE = struct.Struct(">H")
+_LONG_VR_CODES = {_VR_CODE.unpack(vr)[0] for vr in LONG_VRS}
+_KNOWN_VR_CODES = {_VR_CODE.unpack(v.value.encode())[0] for v in VR if len(v.value) == 2}
+_UN = _VR_CODE.unpack(b"UN")[0]
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
@@ -104,10 +109,11 @@ class _Walker:
                 vr, length, pos = None, self.u32.unpack_from(self.buf, pos + 4)[0], pos + 8
             else:
                 self._need(pos, 8, "an element header")
-                vr = bytes(self.buf[pos + 4 : pos + 6])
-                if vr not in _KNOWN_VRS:
-                    raise FramingError(f"unknown VR {vr!r} in ({group:04X},{element:04X}) at byte {pos}")
-                if vr in _LONG_VRS:
+                vr = _VR_CODE.unpack_from(self.buf, pos + 4)[0]
+                if vr not in _KNOWN_VR_CODES:
+                    raise FramingError(f"unknown VR {bytes(self.buf[pos + 4:pos + 6])!r} in "
+                                       f"({group:04X},{element:04X}) at byte {pos}")
+                if vr in _LONG_VR_CODES:
                     self._need(pos, 12, "an element header")
                     length, pos = self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
                 else:
@@ -122,7 +128,7 @@ class _Walker:
                     seen.pixel_length = -1  # encapsulated
                     pos = self.fragments(pos)
                 else:
-                    pos = self.sequence(pos, vr == b"UN")
+                    pos = self.sequence(pos, vr == _UN)
             else:
                 self._need(pos, length, f"the value of ({group:04X},{element:04X})")
                 if tag == PIXEL_DATA and top_level:

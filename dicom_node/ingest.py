@@ -92,9 +92,6 @@ class Ingestor:
         except OSError as error:
             log.error("storage error: %s", error)
             return IngestResult(Status.OUT_OF_RESOURCES, f"storage error: {error.strerror or error}")
-        except RecursionError:  # a nesting the framing limits let through; its traceback would flood the log
-            log.warning("rejected instance from %s: data set nested too deeply to parse", calling_ae)
-            return IngestResult(Status.CANNOT_PARSE, "data set nested too deeply to parse")
         except Exception:  # one bad instance must never end the association
             log.exception("unexpected failure while storing an instance")
             return IngestResult(Status.PROCESSING_FAILURE, "internal error while storing")

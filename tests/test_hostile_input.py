@@ -140,7 +140,7 @@ def test_a_deflate_bomb_is_refused_within_twice_the_size_limit(start_node, tmp_p
     path.write_bytes(b"\0" * 128 + b"DICM" + encode_file_meta(CTImageStorage, instance, DeflatedExplicitVRLittleEndian,
                                                                 None) + bomb)
     import pynetdicom._config as pynetdicom_config
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    chunked, pynetdicom_config.STORE_SEND_CHUNKED_DATASET = pynetdicom_config.STORE_SEND_CHUNKED_DATASET, True
     try:
         ae = AE(ae_title="PYNETDICOM")
         ae.dimse_timeout = ae.network_timeout = 60
@@ -152,7 +152,7 @@ def test_a_deflate_bomb_is_refused_within_twice_the_size_limit(start_node, tmp_p
         seconds = time.monotonic() - started
         assoc.release()
     finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
     assert status.Status == 0xA700 and "inflates to more than" in status.ErrorComment
     grown = (peak_kb(node.process.pid) - before) * 1024
     assert grown < 2 * limit, f"peak memory grew by {grown / 2**20:.0f} MiB"
