@@ -32,47 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reranking import embed, scores  # noqa: E402  (benchmarks is a folder of scripts, not a package)
-
-
-# Hand-written: scikit-learn's LinearDiscriminantAnalysis (also scored below) does the same fit, but its
-# transform keeps at most n_classes - 1 directions and picks its own shrinkage; this is a few lines of numpy.
-def within_person_whitening(emb: np.ndarray, codes: np.ndarray, shrink: float = 0.1,
-                            dims: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, projection) fitted on embeddings `emb` of persons `codes`; apply with :func:`apply_whitening`.
-
-    `shrink` in [0, 1] pulls the within-person covariance towards its mean variance (1: plain
-    centring); `dims` keeps only the whitened directions of largest between-person spread.
-    """
-    emb = np.asarray(emb, dtype=np.float64)
-    codes = np.asarray(codes)
-    if not 0.0 <= shrink <= 1.0:
-        raise ValueError("shrink must lie in [0, 1]")
-    persons, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
-    repeated = counts[inverse] >= 2
-    if repeated.sum() - (counts >= 2).sum() < 2:
-        raise ValueError("whitening needs persons with at least two examples each")
-    sums = np.zeros((len(persons), emb.shape[1]))
-    np.add.at(sums, inverse, emb)
-    deviations = (emb - sums[inverse] / counts[inverse, None])[repeated]
-    within = deviations.T @ deviations / (repeated.sum() - (counts >= 2).sum())
-    d = emb.shape[1]
-    within = (1 - shrink) * within + shrink * np.trace(within) / d * np.eye(d)
-    values, vectors = np.linalg.eigh(within)
-    values = np.maximum(values, values.max() * 1e-9)
-    whiten = vectors @ np.diag(values ** -0.5) @ vectors.T
-    mean = emb.mean(0)
-    if dims:
-        spread = np.cov(((emb - mean) @ whiten).T)
-        _, directions = np.linalg.eigh(spread)
-        whiten = whiten @ directions[:, ::-1][:, :dims]
-    return mean.astype(np.float32), whiten.astype(np.float32)
-
-
-def apply_whitening(emb: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """L2-normalized (emb - mean) @ projection, row by row."""
-    out = (np.asarray(emb, dtype=np.float32) - mean) @ projection
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
+from models.whitening import apply_whitening, within_person_whitening  # noqa: E402
 
 
 def cached_embeddings(route: str, manifest: Path, weights_dir: Path, cache: Path | None):

@@ -33,6 +33,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic and (args.manifest or args.from_db):
         print("dicom-node train: --synthetic cannot be combined with --manifest or --from-db", file=sys.stderr)
         return 2
+    if args.head == "whitening" and not (args.init or "").startswith("imagenet:"):
+        print("dicom-node train: --head whitening needs --init imagenet:MODEL", file=sys.stderr)
+        return 2
+    if not 0 <= args.whitening_shrink <= 1 or (args.epochs or 0) < 0 or args.dim < 0:
+        print("dicom-node train: --whitening-shrink lies in [0, 1]; --epochs and --dim cannot be negative",
+              file=sys.stderr)
+        return 2
     if args.backbone_lr_scale < 0 or args.freeze_blocks < 0:
         print("dicom-node train: --backbone-lr-scale and --freeze-blocks cannot be negative", file=sys.stderr)
         return 2
@@ -51,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   sqlite_synchronous=settings.database.sqlite_synchronous)
     cfg = TrainConfig(route=args.route, out=args.out or Path("runs") / f"train-{args.route}",
                       manifest=args.manifest, synthetic=args.synthetic, from_db=args.from_db, **db,
-                      epochs=args.epochs or 10, size=args.size, shape=tuple(args.shape or ()),
+                      epochs=10 if args.epochs is None else args.epochs, size=args.size, shape=tuple(args.shape or ()),
                       spacing=tuple(args.spacing or ()), batch_size=args.batch_size, m_per_class=args.m_per_class,
                       steps_per_epoch=args.steps_per_epoch, lr=args.lr, loss=args.loss, val_fraction=args.val_fraction,
                       patience=args.patience, seed=args.seed, threads=args.threads, load_workers=args.load_workers,
@@ -59,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       max_minutes=args.max_minutes, resume=args.resume, widths=tuple(args.widths or ()),
                       init=args.init if args.init is None or args.init.startswith("imagenet:") else Path(args.init),
                       backbone_lr_scale=args.backbone_lr_scale, freeze_blocks=args.freeze_blocks,
+                      head=args.head, whitening_shrink=args.whitening_shrink, dim=args.dim,
                       val_patients_from=args.val_patients_from,
                       limitations=args.limitations or "", per_image=args.per_image,
                       hard_batches=args.hard_batches, trust_labels=args.trust_labels,
@@ -69,6 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except WeightsError as error:       # e.g. --init imagenet:... without the backbone's package
         print(f"dicom-node train: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:         # e.g. --init of a folder without a card, or of a fused model
+        print(f"dicom-node train: {error}", file=sys.stderr)
+        return 2
     v = card["metrics"]["validation"]
     print(f"wrote {cfg.out}/model.pt and card.json ({card['name']} {card['version']}); validation: "
           f"Rank-1 {v['rank1']:.3f} mAP {v['mAP']:.3f} AUC {v['roc_auc']:.3f} EER {v['eer']:.3f} "
@@ -255,6 +266,16 @@ def add_subcommands(subparsers) -> None:
     train.add_argument("--freeze-blocks", type=int, default=0, metavar="N",
                        help="do not train the stem and the first N blocks (EfficientNet-Lite0: 16 MBConv blocks, "
                             "ResNet-10: 4 residual blocks); their batch-norm statistics stay too (default 0)")
+    train.add_argument("--head", choices=("linear", "whitening"), default="linear",
+                       help="with --init imagenet:MODEL: the embedding head starts at random and is learned by the "
+                            "loss (linear, default), or is first fitted as the learned whitening of the frozen "
+                            "backbone's pooled features on the training persons (whitening; with --epochs 0 that "
+                            "fit is the model, no gradient step)")
+    train.add_argument("--whitening-shrink", type=float, default=0.3, metavar="S",
+                       help="--head whitening: shrink the within-person covariance towards its mean variance by "
+                            "S in [0, 1] (default 0.3)")
+    train.add_argument("--dim", type=int, default=0, metavar="D",
+                       help="with --init imagenet:MODEL: the embedding dimension (default 256)")
     train.add_argument("--val-patients-from", type=Path, metavar="FOLDER",
                        help="hold out the validation patients of this weights folder's card (e.g. "
                             "models/weights/chest_xr), so a new model is compared on the same patients")
@@ -278,6 +299,9 @@ def add_subcommands(subparsers) -> None:
                             "images is taken for the same person under another ID and kept out of the batch")
     train.add_argument("--limitations", default="", help="text put first in the card's limitations")
     train.set_defaults(handler=cmd_train)
+
+    from models.fusion import add_subcommand as add_fuse_subcommand
+    add_fuse_subcommand(subparsers)
 
     ev = subparsers.add_parser("evaluate", help="retrieval/verification metrics of an identity model")
     _route_data_and_weights(ev, "CSV with image, patient_id (the format of ../shared/data)",

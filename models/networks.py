@@ -250,15 +250,21 @@ def load_identity_model(route: str, weights_dir: Path | None, device: torch.devi
         name, version, card = spec.name(route), f"untrained-seed{seed}", {}
     else:
         card, model_path = found
-        spec = spec_from_arch(card.get("arch"), DEFAULT_SPECS[route])
         where = str(model_path.parent / "card.json")
+        from models.fusion import build_fused, is_fused       # fusion builds its members with this module
         try:
-            net = build_net(spec)       # a trained backbone's weights are all in model.pt: no ImageNet file read
+            if is_fused(card):          # several trained networks behind one card (models.fusion)
+                net = build_fused(card, route)
+                spec = None
+            else:                       # a trained backbone's weights are all in model.pt: no ImageNet file read
+                spec = spec_from_arch(card.get("arch"), DEFAULT_SPECS[route])
+                net = build_net(spec)
         except WeightsError as error:
             raise WeightsError(f"{where}: {error}") from None
         check_definition_version(card, where)
         load_state(net, model_path)
-        name, version = card.get("name") or spec.name(route), str(card.get("version") or "unversioned")
+        name, version = card.get("name") or (spec or DEFAULT_SPECS[route]).name(route), \
+            str(card.get("version") or "unversioned")
         check_views(card.get("test_time_views"), where)
         log.info("route %s: loaded %s %s from %s", route, name, version, model_path)
     net.eval().to(device)

@@ -87,6 +87,9 @@ class TrainConfig:
     init: Path | str | None = None    # weights folder (model.pt + card.json) to fine-tune from, or "imagenet:<model>"
     backbone_lr_scale: float = 1.0    # the network's lr x this, the head's (pooling, embedding layer) lr as given
     freeze_blocks: int = 0            # stem and first N blocks not trained (models.backbones.freeze)
+    head: str = "linear"              # backbone head: "linear" (learned by the loss) or "whitening" (models.whitening)
+    whitening_shrink: float = 0.3     # --head whitening: the within-person covariance's shrinkage
+    dim: int = 0                      # backbone networks: embedding dimension (0: the route's default, 256)
     val_patients_from: Path | None = None   # a weights folder whose card's validation patients to hold out
     widths: tuple[int, ...] = ()
     per_image: bool = False           # multi-image series (both eyes): one example per image, label patient#k
@@ -221,11 +224,16 @@ def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
             raise ValueError(f"--init {cfg.init}: a 2D ImageNet backbone, not for {cfg.route}"
                              + (" or with --widths" if cfg.widths else ""))
         base["backbone"] = parse(str(cfg.init)).name
+        if cfg.dim:
+            base["dim"] = cfg.dim
     elif cfg.init is not None:
         found = read_card(Path(cfg.init))
         if found is None:
             raise ValueError(f"--init {cfg.init}: no model.pt and card.json there")
         init_card = found[0]
+        if "fusion" in (init_card.get("arch") or {}):
+            raise ValueError(f"--init {cfg.init}: a fused model (models.fusion) is not trained further; train a "
+                             "member and fuse again")
         if init_card.get("route") not in (None, cfg.route):
             raise ValueError(f"--init {cfg.init}: a {init_card.get('route')} model, not {cfg.route}")
         arch = dict(init_card.get("arch") or {})
@@ -302,6 +310,9 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> dict:
         load_state(net, Path(cfg.init) / "model.pt")
         data["initialized_from"] = {"folder": str(Path(cfg.init).resolve()), "name": init_card.get("name"),
                                     "version": init_card.get("version"), "sha256": init_card.get("sha256")}
+    if cfg.head == "whitening" and not (cfg.resume and (out / "checkpoint.pt").exists()):
+        from models.whitening import fit_head
+        data["head"] = fit_head(net, train_ex, cfg.whitening_shrink)
     frozen = freeze(net, cfg.freeze_blocks)
     net = net.to(device)
     ckpt_path = out / "checkpoint.pt"
