@@ -123,6 +123,11 @@ class LinkageSettings(_Section):
     # Image evidence per route is clipped to +- this many nats, so one modality cannot
     # outvote everything else on its own.
     max_image_llr: float = Field(12.0, gt=0)
+    # Routes are not independent (a family shares its anatomy on every route): the strongest
+    # route counts in full, each further one this factor times the one before, and the sum of
+    # one pair's image evidence is bounded to +- max_image_total nats.
+    further_route_factor: float = Field(0.5, ge=0, le=1)
+    max_image_total: float = Field(16.0, gt=0)
     # Where the candidate index is saved between runs (relative to storage.dir).
     index_dir: Path = Path("linkage-index")
     # Check compared image pairs geometrically for the models whose card asks for it

@@ -8,9 +8,12 @@ Pure functions over plain data; the engine (`linkage.engine`) gathers the inputs
 Image evidence per route is the identity model's calibrated log-likelihood ratio of the
 cosine similarity (`models.calibration`; plus the geometric verification bonus of
 `models.verification` for the models whose card asks for it), each pair of series clipped to +-max_image_llr,
-then the median over the pairs (robust to one odd series); routes add up because they are
-different images of the person. A route whose model has no calibration (an untrained
-network) contributes nothing, and the evidence says so.
+then the median over the pairs (robust to one odd series). Routes are different images of the
+person but not independent evidence (a family shares its anatomy on every route), so they add
+with falling weights: the strongest route in full, the next times further_route_factor, the next
+times its square, and the sum is bounded to +-max_image_total. A birth date or an age decades
+away outweighs that bound (linkage.evidence). A route whose model has no calibration (an
+untrained network) contributes nothing, and the evidence says so.
 
 Same person under two IDs: `decide_same`. A study filed under the wrong ID: `decide_misfiled`
 for one study, `decide_studies_of_patient` for all of an ID's studies at once.
@@ -36,6 +39,8 @@ class Thresholds:
     prior_same: float = 1e-3
     prior_misfiled: float = 1e-3
     max_image_llr: float = 12.0
+    further_route_factor: float = 0.5
+    max_image_total: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,14 @@ def band_of(probability: float, t: Thresholds) -> str:
     return "review" if probability >= t.review else "withdrawn"
 
 
-def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
-    """Sum over routes of the median of the clipped llrs; per-route details for the evidence.
+def image_evidence(pairs: list[ImagePair], t: Thresholds) -> tuple[float, dict]:
+    """The routes' medians of the clipped llrs, combined (`combine_routes`); per-route details.
 
     Each pair is clipped before the median: with two pairs the median is their mean, and one
     far-off pair (a stray study) must not outweigh the other by more than the clip.
     `unclipped_llr` (the median of the raw llrs) tells apart two studies that both hit the clip."""
-    total, per_route = 0.0, {}
+    clip = t.max_image_llr
+    route_weights, per_route = [], {}
     for route in sorted({p.route for p in pairs}):
         mine = [p for p in pairs if p.route == route]
         llrs = [p.llr for p in mine if p.llr is not None]
@@ -92,18 +98,26 @@ def image_evidence(pairs: list[ImagePair], clip: float) -> tuple[float, dict]:
             llr = statistics.median(max(-clip, min(clip, v)) for v in llrs)
             entry["weight"] = round(llr, 3)
             entry["unclipped_llr"] = round(statistics.median(llrs), 3)
-            total += llr
+            route_weights.append(llr)
         else:
             entry["weight"] = 0.0
             entry["note"] = "model has no calibration: image similarity not used"
         per_route[route] = entry
-    return total, per_route
+    return combine_routes(route_weights, t), per_route
+
+
+def combine_routes(weights: list[float], t: Thresholds) -> float:
+    """Routes by falling |weight|, the k-th (from 0) times further_route_factor ** k; the sum
+    bounded to +-max_image_total."""
+    ordered = sorted(weights, key=abs, reverse=True)
+    total = sum(w * t.further_route_factor ** k for k, w in enumerate(ordered))
+    return max(-t.max_image_total, min(t.max_image_total, total))
 
 
 def decide_same(a_studies: list[StudyFacts], b_studies: list[StudyFacts], pairs: list[ImagePair],
                 weights: MatchWeights, t: Thresholds) -> Decision:
     """Are Patient IDs a and b one person? `pairs`: image comparisons across the two IDs."""
-    image_weight, image = image_evidence(pairs, t.max_image_llr)
+    image_weight, image = image_evidence(pairs, t)
     best_llr: dict[tuple[int, int], float] = {}
     for p in pairs:
         key = (p.a_study_pk, p.b_study_pk)
@@ -137,7 +151,7 @@ def decide_misfiled(suspect: StudyFacts, others: list[StudyFacts], pairs: list[I
     studies; `pairs`: the suspect's series against theirs (a = suspect). None without others."""
     if not others:
         return None
-    image_weight, image = image_evidence(pairs, t.max_image_llr)
+    image_weight, image = image_evidence(pairs, t)
     scored = []
     for other in others:
         w, fields = weights.score(compare(demographics(other), demographics(suspect), "belongs"), "belongs")

@@ -121,7 +121,8 @@ class LinkageEngine:
         the series' files, so their verification features can be kept on disk (`linkage.keep_check_features`)."""
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
-                                  cfg.prior_misfiled, cfg.max_image_llr)
+                                  cfg.prior_misfiled, cfg.max_image_llr, cfg.further_route_factor,
+                                  cfg.max_image_total)
         cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
         verification = load_verification_settings(cards)
         index_dir = settings.storage_dir / cfg.index_dir

@@ -40,10 +40,13 @@ DEFAULT_MU: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
         # date and sex, which the independence of the fields would otherwise count three times.
         "name": {"exact": (0.80, 0.001), "close": (0.15, 0.003), "partial": (0.005, 0.06),
                  "different": (0.045, 0.936)},
+        # far / impossible: birth years FAR_YEARS or more apart. Set to outweigh the most image
+        # evidence one pair can have (decide.Thresholds.max_image_total, 16 nats), not estimated
+        # from data: look-alike relatives decades apart must not be linked on their images.
         "birth_date": {"exact": (0.93, 0.0005), "swapped": (0.025, 0.0002), "near": (0.025, 0.004),
-                       "different": (0.02, 0.9953)},
+                       "different": (0.02, 0.6953), "far": (3e-8, 0.3)},
         "sex": {"same": (0.98, 0.5), "different": (0.02, 0.5)},
-        "age": {"consistent": (0.97, 0.3), "inconsistent": (0.03, 0.7)},
+        "age": {"consistent": (0.97, 0.3), "inconsistent": (0.03, 0.4), "impossible": (3e-8, 0.3)},
         "issuer": {"same": (0.5, 0.4), "different": (0.5, 0.6)},
     },
     "belongs": {
@@ -57,6 +60,12 @@ DEFAULT_MU: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
 }
 
 FIELDS = ("name", "birth_date", "sex", "age", "issuer")
+
+# Birth years this far apart (from birth dates, or from Patient Age at the study date) are two
+# persons, whatever the images say; closer ones may be a typing error ("different").
+FAR_YEARS = 10
+# Dates some systems store for "unknown": compared as missing, not as a birth date.
+PLACEHOLDER_DATES = frozenset({"19000101", "18991231", "00010101", "19010101"})
 
 # Relatives break the independence of the fields: twins share family name, birth date and sex
 # and differ in the given name. Where only the family name agrees (name "partial"), a shared
@@ -120,7 +129,7 @@ def compare_birth_date(a: str | None, b: str | None) -> str:
         return "swapped"
     if sum(p != q for p, q in zip(a, b)) == 1 or (a[4:] == b[4:] and abs(int(a[:4]) - int(b[:4])) == 1):
         return "near"
-    return "different"
+    return "far" if abs(int(a[:4]) - int(b[:4])) >= FAR_YEARS else "different"
 
 
 def compare_sex(a: str | None, b: str | None) -> str:
@@ -131,12 +140,25 @@ def compare_sex(a: str | None, b: str | None) -> str:
 
 
 def compare_age(a: Demographics, b: Demographics) -> str:
-    """Is b's Patient Age at its study date consistent with a's birth date (± 1 year)?"""
-    years = _age_years(b.age)
-    if years is None or not valid_date(a.birth_date) or not valid_date(b.study_date):
+    """Do the birth years agree (± 1 year), each from the birth date or else from Patient Age at
+    the study date? `impossible`: FAR_YEARS or more apart. `missing` unless at least one side
+    gives only an age (two birth dates are compared as birth dates)."""
+    ya, yb = _birth_year(a), _birth_year(b)
+    if ya is None or yb is None or (valid_date(a.birth_date) and valid_date(b.birth_date)):
         return "missing"
-    expected = int(b.study_date[:4]) - int(a.birth_date[:4]) - (b.study_date[4:] < a.birth_date[4:])
-    return "consistent" if abs(expected - years) <= 1 else "inconsistent"
+    gap = abs(ya - yb)
+    if gap <= 1:
+        return "consistent"
+    return "impossible" if gap >= FAR_YEARS else "inconsistent"
+
+
+def _birth_year(d: Demographics) -> int | None:
+    if valid_date(d.birth_date):
+        return int(d.birth_date[:4])
+    years = _age_years(d.age)
+    if years is None or not valid_date(d.study_date):
+        return None
+    return int(d.study_date[:4]) - years
 
 
 def compare_issuer(a: str | None, b: str | None) -> str:
@@ -154,6 +176,11 @@ def compare(a: Demographics, b: Demographics, hypothesis: str) -> dict[str, str]
         levels["age"] = "missing"
     if hypothesis == "same":
         levels["issuer"] = compare_issuer(a.issuer, b.issuer)
+    else:
+        # belongs: a wrong-patient study usually carries the ID's own demographics (a worklist
+        # mistake copies them), so the far levels are no stronger there than "different".
+        levels["birth_date"] = {"far": "different"}.get(levels["birth_date"], levels["birth_date"])
+        levels["age"] = {"impossible": "inconsistent"}.get(levels["age"], levels["age"])
     return levels
 
 
@@ -221,7 +248,8 @@ def reestimate(decided: list[tuple[str, str, dict]]) -> dict[tuple[str, str], tu
 # ----- helpers -------------------------------------------------------------------------
 
 def valid_date(value: str | None) -> bool:
-    return bool(value) and len(value) == 8 and value.isdigit() and "01" <= value[4:6] <= "12" and "01" <= value[6:8] <= "31"
+    return (bool(value) and len(value) == 8 and value.isdigit() and "01" <= value[4:6] <= "12"
+            and "01" <= value[6:8] <= "31" and value not in PLACEHOLDER_DATES)
 
 
 def _age_years(age: str | None) -> int | None:

@@ -14,7 +14,9 @@
     -> (RouteDecision, EmbeddingResult | None)
 
 The router needs its own route-agnostic normalization (the thumbnail), so routing comes
-before the route's normalization. Series routed to "other" are not embedded. A series with
+before the route's normalization. Series routed to "other", routed with too little confidence,
+or whose pixels are not anatomy (`models.anatomy_gate`: blank, noise, test patterns) are stored
+and listed but not embedded, so they give no identity evidence. A series with
 several 2D images (both eyes, a cine) is embedded image by image and the mean of the
 embeddings, L2-normalized again, is the series embedding. Anything wrong with the series
 itself raises `SeriesError` (the worker records the reason). A failure of a step that runs
@@ -38,6 +40,7 @@ import torch
 
 from db.records import EmbeddingResult, RouteDecision, SeriesWork
 from dicom_node.config import PipelineSettings
+from models.anatomy_gate import series_problem
 from models.errors import SeriesError, out_of_memory
 from models.loading import LoadedSeries, load_series
 from models.networks import IdentityModel, load_identity_model
@@ -117,8 +120,14 @@ class SeriesPipeline:
             stats["series"] += 1
             if series.findings:
                 decision = _with_findings(decision, series.findings)
+            if decision.route in self.models and decision.linkable:
+                started = time.perf_counter()
+                problem = series_problem(series.kind, series.images)
+                stats["route"] += time.perf_counter() - started
+                if problem:
+                    decision = _with_findings(decision, [f"not anatomy: {problem}: stored, not linked"], linkable=False)
             results[i] = (decision, None)
-            if decision.route in self.models:
+            if decision.route in self.models and decision.linkable:
                 pending[decision.route].append(i)
 
         for route, indices in pending.items():                                # 3. normalize, 4. embed
@@ -184,6 +193,7 @@ class SeriesPipeline:
         self.profile.clear()
 
 
-def _with_findings(decision: RouteDecision, extra: list[str]) -> RouteDecision:
+def _with_findings(decision: RouteDecision, extra: list[str], linkable: bool | None = None) -> RouteDecision:
     return RouteDecision(route=decision.route, confidence=decision.confidence, source=decision.source,
-                         findings=list(extra) + list(decision.findings), linkable=decision.linkable)
+                         findings=list(extra) + list(decision.findings),
+                         linkable=decision.linkable if linkable is None else linkable)

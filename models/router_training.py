@@ -10,8 +10,11 @@ Data (all generated here, nothing downloaded):
   one side of the split), synthetic non-matching content (extremity and spine radiographs,
   documents, ultrasound fans, noise, coloured scenes, abdomen/leg/phantom volumes) and single
   CT or MR slices presented as 2D images;
+* real images (``--real ROUTE=MANIFEST``, repeatable): a labelled image set's rows (image,
+  patient_id) as examples of ROUTE, e.g. real chest radiographs and dermoscopies, which the
+  synthetic ones alone do not teach the router to recognise; one patient in five is held out;
 * held out: cohorts with other seeds (other persons), other "other" seeds, the other half of
-  the pydicom groups.
+  the pydicom groups, the held-out real patients.
 Training: Adam, batched random affine / flip / gamma / noise on the thumbnails, fixed seeds.
 Reports held-out accuracy and the confusion matrix (rows true, columns predicted).
 """
@@ -39,7 +42,7 @@ from scipy import ndimage
 
 from models.errors import SeriesError
 from models.loading import LoadedSeries, load_series
-from models.networks import sha256_file
+from models.networks import read_card, sha256_file
 from models.router import untrained_router_net
 from models.transforms import ROUTES, router_thumbnail
 
@@ -224,6 +227,40 @@ def pydicom_others() -> tuple[list, list]:
     return train, held
 
 
+def real_examples(specs: list[str], classes, limit: int, exclude: frozenset = frozenset()) -> tuple:
+    """Thumbnails of real labelled images: (train x, train labels, held-out x, held-out labels, info).
+
+    Each spec is ROUTE=MANIFEST (columns image, relative to the manifest's folder or absolute, and
+    patient_id). Patients are split by a hash of their ID (one in five held out), and at most
+    `limit` images per manifest are used, patients taken in hash order so the choice is stable.
+    Patients in `exclude` (an identity model's validation patients) are left out."""
+    import csv
+
+    from PIL import Image
+
+    train_x, train_y, held_x, held_y, info = [], [], [], [], []
+    for spec in specs:
+        route, _, manifest = spec.partition("=")
+        if route not in classes or not manifest:
+            raise ValueError(f"--real {spec!r}: expected ROUTE=MANIFEST with ROUTE one of {', '.join(classes)}")
+        manifest = Path(manifest)
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.DictReader(fh) if not r.get("duplicate_of") and r["patient_id"] not in exclude]
+        rows.sort(key=lambda r: (zlib.crc32(r["patient_id"].encode()), r["image"]))
+        used = {"route": route, "manifest": str(manifest), "train": 0, "held_out": 0}
+        for row in rows[:limit]:
+            with Image.open(manifest.parent / row["image"]) as im:
+                rgb = route in ("dermoscopy", "fundus")
+                a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
+            thumb = router_thumbnail(_rgb_series(a) if rgb else _gray_series(a))
+            held = zlib.crc32(row["patient_id"].encode() + b"router") % 5 == 0
+            (held_x if held else train_x).append(thumb)
+            (held_y if held else train_y).append(route)
+            used["held_out" if held else "train"] += 1
+        info.append(used)
+    return train_x, train_y, held_x, held_y, info
+
+
 # ---------------------------------------------------------------- training
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -305,6 +342,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), help="route set (must include other)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--real", action="append", default=[], metavar="ROUTE=MANIFEST",
+                        help="real labelled images as examples of ROUTE (repeatable)")
+    parser.add_argument("--real-limit", type=int, default=600, metavar="N", help="images per --real manifest")
+    parser.add_argument("--exclude-patients-from", type=Path, action="append", default=[], metavar="DIR",
+                        help="a weights folder whose card's validation patients --real leaves out (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)   # broken test files log on purpose
@@ -319,16 +361,33 @@ def main(argv=None) -> int:
                                    Path(tmp), classes, pyd_train)
         hx, hy, held = build_dataset(max(4, args.patients // 3), (5000 + args.seed, 6000 + args.seed),
                                      7000 + args.seed, Path(tmp), classes, pyd_held)
+    real_held = None
+    if args.real:
+        try:
+            exclude = frozenset(p for folder in args.exclude_patients_from
+                                for p in (read_card(folder) or ({}, None))[0].get("validation_patients", []))
+            rx, ry, rhx, rhy, data["real"] = real_examples(args.real, classes, args.real_limit, exclude)
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"--real: {exc}")
+        x = torch.cat([x, torch.stack(rx).float()])
+        y = torch.cat([y, torch.tensor([classes.index(c) for c in ry])])
+        data["examples_per_class"] = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+        if rhx:
+            real_held = (torch.stack(rhx).float(), torch.tensor([classes.index(c) for c in rhy]))
+            hx, hy = torch.cat([hx, real_held[0]]), torch.cat([hy, real_held[1]])
     log.info("examples: train %d, held out %d (%.0f s)", len(x), len(hx), time.time() - started)
     net = train(x, y, classes, args.epochs, args.seed)
     result = evaluate(net, hx, hy, classes)
+    if real_held is not None:
+        result["real_held_out"] = evaluate(net, *real_held, classes)
     train_acc = evaluate(net, x, y, classes)["accuracy"]
     args.out.mkdir(parents=True, exist_ok=True)
     model_path = args.out / "model.pt"
     torch.save(net.state_dict(), model_path)
     today = dt.datetime.now(dt.UTC)
     card = {
-        "name": "router-resnet10-2d-w16", "version": f"synth-{today:%Y%m%d}-seed{args.seed}",
+        "name": "router-resnet10-2d-w16",
+        "version": f"{'synth+real' if args.real else 'synth'}-{today:%Y%m%d}-seed{args.seed}",
         "task": "route a series (thumbnail 3x64x64 from models.transforms.router_thumbnail) to a route",
         "classes": classes, "arch": {"widths": [16, 32, 64, 128]},
         "date": today.isoformat(timespec="seconds"),
@@ -338,13 +397,17 @@ def main(argv=None) -> int:
                      "train_accuracy": train_acc, "seconds": round(time.time() - started, 1),
                      "command": " ".join(["python -m models.router_training"] + (argv or sys.argv[1:]))},
         "heldout": result,
-        "limitations": "trained on synthetic images and pydicom test files only: accuracy on real "
-                       "department data is unmeasured; the header rules remain part of every decision",
+        "limitations": ("trained on synthetic images, pydicom test files and the real sets in training_data.real; "
+                        if args.real else "trained on synthetic images and pydicom test files only: accuracy on "
+                        "real department data is unmeasured; ") + "the header rules remain part of every decision",
         "torch": torch.__version__, "monai": monai.__version__,
         "size_bytes": model_path.stat().st_size, "sha256": sha256_file(model_path),
     }
     (args.out / "card.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
     print(f"held-out accuracy {result['accuracy']:.4f} on {result['n']} examples (train {train_acc:.4f})")
+    if real_held is not None:
+        real = result["real_held_out"]
+        print(f"held-out real patients: accuracy {real['accuracy']:.4f} on {real['n']} images")
     print("confusion (rows true, columns predicted):", " ".join(f"{c[:8]:>9s}" for c in classes))
     for c, row in zip(classes, result["confusion"]["matrix"]):
         print(f"  {c:>10s}", " ".join(f"{v:9d}" for v in row))

@@ -53,7 +53,8 @@ def test_normalize_name_drops_ideographic_groups_and_punctuation():
     ("19800503", "19800305", "swapped"),
     ("19800315", "19800316", "near"),
     ("19800315", "19810315", "near"),
-    ("19800315", "19651122", "different"),
+    ("19800315", "19761122", "different"),
+    ("19800315", "19651122", "far"),                   # 15 years: two persons
     ("19800315", "", "missing"),
     ("19800315", "1980", "missing"),
     ("19801399", "19800315", "missing"),              # not a date
@@ -69,7 +70,8 @@ def test_compare_sex_and_age():
     born = Demographics("X", "19800315", "F", None, "20000101")
     assert compare_age(born, Demographics("X", None, "F", "040Y", "20200401")) == "consistent"
     assert compare_age(born, Demographics("X", None, "F", "039Y", "20200301")) == "consistent"
-    assert compare_age(born, Demographics("X", None, "F", "025Y", "20200401")) == "inconsistent"
+    assert compare_age(born, Demographics("X", None, "F", "034Y", "20200401")) == "inconsistent"
+    assert compare_age(born, Demographics("X", None, "F", "025Y", "20200401")) == "impossible"
     assert compare_age(born, Demographics("X", None, "F", None, "20200401")) == "missing"
 
 
@@ -143,7 +145,7 @@ def test_image_evidence_decides_twins():
 
 def test_image_llr_is_clipped_and_uncalibrated_routes_say_so():
     pairs = [D.ImagePair("chest_xr", 1, 2, 0.99, 50.0), D.ImagePair("fundus", 1, 2, 0.5, None)]
-    total, per_route = D.image_evidence(pairs, clip=12)
+    total, per_route = D.image_evidence(pairs, T)
     assert total == 12
     assert per_route["fundus"]["weight"] == 0.0 and "calibration" in per_route["fundus"]["note"]
 
@@ -151,7 +153,7 @@ def test_image_llr_is_clipped_and_uncalibrated_routes_say_so():
 def test_median_resists_one_odd_series():
     pairs = [D.ImagePair("chest_ct", 1, 2, 0.9, 9.0), D.ImagePair("chest_ct", 1, 3, 0.9, 8.0),
              D.ImagePair("chest_ct", 1, 4, 0.1, -12.0)]
-    assert D.image_evidence(pairs, clip=12)[0] == 8.0
+    assert D.image_evidence(pairs, T)[0] == 8.0
 
 
 def test_misfiled_by_image_with_copied_demographics():
@@ -249,7 +251,7 @@ def test_a_stray_of_another_route_does_not_stop_one_of_two():
 
 def test_each_pair_is_clipped_before_the_median():
     pairs = [D.ImagePair("chest_ct", 1, 2, 0.9, 8.0), D.ImagePair("chest_ct", 1, 3, 0.0, -40.0)]
-    total, per_route = D.image_evidence(pairs, clip=12)
+    total, per_route = D.image_evidence(pairs, T)
     assert total == -2.0 and per_route["chest_ct"]["unclipped_llr"] == -16.0
 
 

@@ -52,7 +52,7 @@ def test_every_synthetic_series_is_routed_and_embedded(pipeline, cohort, storage
         decision, embedding = pipeline.process(work_for(s, k), storage)
         assert (decision.route, decision.source, decision.linkable) == (s["route"], "image+header", True), s["synth"]
         v = vector(embedding)
-        assert embedding.route == s["route"] and embedding.dim == v.size == 256
+        assert embedding.route == s["route"] and embedding.dim == v.size == pipeline.models[s["route"]].dim
         assert abs(float(np.linalg.norm(v)) - 1.0) < 1e-5
         # the shipped model of the route, by the version its card gives
         card = json.loads((WEIGHTS / s["route"] / "card.json").read_text())
@@ -137,3 +137,61 @@ def test_enhancement_setting_changes_the_embedding(pipeline, cohort, storage):
     enhanced = SeriesPipeline(PipelineSettings(enhance={"chest_xr": ["clahe", "edges"]}), WEIGHTS)
     work = work_for(first(cohort, "cxr"))
     assert enhanced.process(work, storage)[1].vector != pipeline.process(work, storage)[1].vector
+
+
+def _refill(storage: Path, paths: list[str], out: Path, fill) -> list[str]:
+    """Copies of a stored series' files with other pixels (fill(k, rows, columns) -> uint16)."""
+    import pydicom
+    names = []
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(storage / path)
+        pixels = fill(k, int(ds.Rows), int(ds.Columns))
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
+        for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        out.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out / f"{k:04d}.dcm", enforce_file_format=True)
+        names.append(f"{out.name}/{k:04d}.dcm")
+    return names
+
+
+@pytest.mark.parametrize("route", ["chest_xr", "chest_ct"])
+def test_series_that_are_not_anatomy_are_stored_but_not_embedded(pipeline, cohort, storage, tmp_path, route):
+    """Random-noise QA images, blank frames and a bar pattern under the header of a real series:
+    stored and listed, never embedded (no identity evidence), whether the router already calls
+    them "other" or routes them (then the anatomy gate stops them); the real series pass."""
+    rng = np.random.default_rng(0)
+    fills = {"noise": lambda k, r, c: rng.integers(0, 4096, (r, c), dtype=np.uint16),
+             "blank": lambda k, r, c: np.full((r, c), 1000, np.uint16),
+             "pattern": lambda k, r, c: np.repeat(np.linspace(0, 4000, 8).astype(np.uint16), -(-c // 8))[None, :c]
+             .repeat(r, 0)}
+    source = next(c for c in cohort if c["route"] == route)
+    gated = set()
+    for name, fill in fills.items():
+        paths = _refill(storage, source["paths"], tmp_path / name, fill)
+        decision, embedding = pipeline.process(work_for(source, paths=paths), tmp_path)
+        assert embedding is None and not decision.linkable, (name, decision)
+        if any(f.startswith(f"not anatomy: {name}") for f in decision.findings):
+            gated.add(name)
+        else:
+            assert decision.route == "other", decision.findings
+    if route == "chest_ct":       # the reported case: the router takes CT noise for anatomy, the gate does not
+        assert "noise" in gated
+    assert pipeline.process(work_for(source), storage)[1] is not None
+
+
+def test_the_anatomy_gate_on_its_own():
+    from models.anatomy_gate import series_problem
+    rng = np.random.default_rng(1)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(1, 256, 256)), 1), 2).astype(np.float32)   # structured
+    assert series_problem("gray", [smooth]) is None
+    assert series_problem("gray", [rng.random((1, 256, 256), dtype=np.float32)]).startswith("noise")
+    assert series_problem("volume", [rng.normal(0, 300, (1, 64, 64, 20)).astype(np.float32)]).startswith("noise")
+    assert series_problem("rgb", [np.zeros((3, 64, 64), np.float32)]).startswith("blank")
+    # most planes decide: one blank frame in a cine of real-looking ones does not
+    assert series_problem("gray", [smooth, smooth, np.zeros((1, 256, 256), np.float32)]) is None

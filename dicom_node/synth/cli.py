@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -89,16 +90,36 @@ def synth_handler(args) -> int:
     return 0
 
 
+def _patient_list(path: str) -> set[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        ids = json.loads(text).get("validation_patients")
+        if not ids:
+            raise ValueError("the card lists no validation_patients")
+        return set(ids)
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
 def convert_handler(args) -> int:
     from .convert import ConvertError, convert_manifest
     out = Path(args.out)
     if _nonempty(out) and not args.overwrite:
         print(f"dicom-node convert: error: {out} is not empty (use --overwrite to write into it)", file=sys.stderr)
         return 2
+    inject = None
+    if args.second_ids or args.misfiled:
+        try:
+            patients = _patient_list(args.patients_from) if args.patients_from else None
+        except (OSError, ValueError) as exc:
+            print(f"dicom-node convert: error: --patients-from {args.patients_from}: {exc}", file=sys.stderr)
+            return 2
+        inject = {"second_ids": args.second_ids, "misfiled": args.misfiled, "seed": args.error_seed,
+                  "patients": patients}
     try:
         summary = convert_manifest(args.manifest, out, sop=args.sop, issuer=args.issuer,
                                    base_date=args.base_date, seed=args.seed, limit=args.limit,
-                                   skip_duplicates=args.skip_duplicates, study_column=args.study_column)
+                                   skip_duplicates=args.skip_duplicates, study_column=args.study_column,
+                                   inject=inject)
     except ConvertError as exc:
         print(f"dicom-node convert: error: {exc}", file=sys.stderr)
         return exc.code
@@ -157,6 +178,14 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--skip-duplicates", action="store_true", help="skip rows whose duplicate_of is set")
     c.add_argument("--study-column", default="study", metavar="NAME",
                    help="column grouping rows into one study (default 'study', used when present)")
+    c.add_argument("--second-ids", type=int, default=0, metavar="N",
+                   help="inject N second IDs (a person's later studies under a new Patient ID); names and birth "
+                        "dates are then blank and truth.json lists the errors (dicom_node/synth/inject.py)")
+    c.add_argument("--misfiled", type=int, default=0, metavar="N",
+                   help="inject N studies filed under another patient's ID, with that patient's sex and age")
+    c.add_argument("--error-seed", type=int, default=0, metavar="S", help="where the errors fall (default 0)")
+    c.add_argument("--patients-from", metavar="FILE",
+                   help="only these patients: a model card's validation_patients (card.json) or one ID per line")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     c.add_argument("--quiet", action="store_true", help="print nothing on success")
     c.set_defaults(handler=convert_handler)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .dicom_writer import SOP_CLASSES, Instance, SeriesEncoder, patient_study_attrs, safe_component, uid
+from .inject import InjectError, inject_errors
 
 REQUIRED = ("image", "patient_id")
 
@@ -97,10 +98,16 @@ def read_manifest(manifest: Path) -> tuple[list[str], list[dict]]:
 
 
 def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="20200101", seed=0, limit=None,
-                     skip_duplicates=False, study_column="study") -> dict:
+                     skip_duplicates=False, study_column="study", inject: dict | None = None) -> dict:
+    """`inject`: keyword arguments of `inject.inject_errors` (second_ids, misfiled, seed, patients)."""
     manifest, out = Path(manifest), Path(out)
     base = _date(base_date, "--base-date")
     header, rows = read_manifest(manifest)
+    if inject:
+        try:
+            rows = inject_errors(rows, **inject)
+        except InjectError as exc:
+            raise ConvertError(str(exc), 2) from exc
     root = manifest.parent
     studies: dict = {}
     records, skipped, files = [], 0, 0
@@ -134,7 +141,9 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
                   "series_uid": uid(seed, "convert-series", pid, key),
                   "patient_id": pid, "date": date.strftime("%Y%m%d"),
                   "time": f"{secs // 3600:02d}{secs // 60 % 60:02d}{secs % 60:02d}",
-                  "accession": f"IMP{_h(seed, 'acc', pid, key) % 10 ** 8:08d}", "n": 0, "images": []}
+                  "accession": f"IMP{_h(seed, 'acc', pid, key) % 10 ** 8:08d}", "n": 0, "images": [],
+                  "person_id": row.get("person_id") or pid, "error_id": row.get("error_id", ""),
+                  "error_kind": row.get("error_kind", "")}
             studies[skey] = st
         st = studies[skey]
         st["n"] += 1
@@ -173,16 +182,16 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
     truth = {
         "format": "dicom-node-convert-truth/1", "manifest": manifest.name, "issuer": issuer,
         "persons": [{"person_id": p, "patient_ids": {issuer: p}}
-                    for p in sorted({s["patient_id"] for s in studies.values()})],
-        "studies": [{"study_uid": s["study_uid"], "person_id": s["patient_id"], "patient_id": s["patient_id"],
+                    for p in sorted({s["person_id"] for s in studies.values()})],
+        "studies": [{"study_uid": s["study_uid"], "person_id": s["person_id"], "patient_id": s["patient_id"],
                      "issuer": issuer, "modality": "cxr", "dicom_modality": "CR" if sop == "cr" else "OT",
                      "date": s["date"], "series_uids": [s["series_uid"]], "images": s["images"],
                      "series": [{"series_uid": s["series_uid"], "n_instances": s["n"],
                                  "path": (Path(safe_component(s["patient_id"])) / s["study_uid"]
                                           / s["series_uid"]).as_posix()}]}
                     for s in studies.values()],
-        "series": {s["series_uid"]: s["patient_id"] for s in studies.values()},
-        "errors": [], "rows": records,
+        "series": {s["series_uid"]: s["person_id"] for s in studies.values()},
+        "errors": _errors(studies.values(), issuer), "rows": records,
     }
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -190,3 +199,17 @@ def convert_manifest(manifest, out, sop="cr", issuer="IMPORT", base_date="202001
     except OSError as exc:
         raise ConvertError(f"cannot write {out / 'truth.json'}: {exc}", 1) from exc
     return {"files": files, "patients": len(truth["persons"]), "studies": len(studies), "skipped": skipped}
+
+
+def _errors(studies, issuer: str) -> list[dict]:
+    """The injected errors in synth's truth form (what `linkage.scoring` reads)."""
+    errors: dict[str, dict] = {}
+    for s in studies:
+        if s["error_id"]:
+            e = errors.setdefault(s["error_id"], {
+                "error_id": s["error_id"], "kind": s["error_kind"], "patient_id": s["patient_id"], "issuer": issuer,
+                "person_id": s["person_id"], "study_uids": [], "study_keys": [],
+                "variant": "second_id" if s["error_kind"] == "same_patient_different_id" else "wrong_patient"})
+            e["study_uids"].append(s["study_uid"])
+            e["study_keys"].append(f"{s['patient_id']}/cxr/{s['study_uid']}")
+    return sorted(errors.values(), key=lambda e: e["error_id"])
