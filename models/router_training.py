@@ -227,6 +227,11 @@ def pydicom_others() -> tuple[list, list]:
     return train, held
 
 
+def real_holdout(patient_id: str) -> bool:
+    """One real patient in five is held out of router training (stable: a hash of the ID)."""
+    return zlib.crc32(patient_id.encode() + b"router") % 5 == 0
+
+
 def real_examples(specs: list[str], classes, limit: int, exclude: frozenset = frozenset()) -> tuple:
     """Thumbnails of real labelled images: (train x, train labels, held-out x, held-out labels, info).
 
@@ -253,7 +258,7 @@ def real_examples(specs: list[str], classes, limit: int, exclude: frozenset = fr
                 rgb = route in ("dermoscopy", "fundus")
                 a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
             thumb = router_thumbnail(_rgb_series(a) if rgb else _gray_series(a))
-            held = zlib.crc32(row["patient_id"].encode() + b"router") % 5 == 0
+            held = real_holdout(row["patient_id"])
             (held_x if held else train_x).append(thumb)
             (held_y if held else train_y).append(route)
             used["held_out" if held else "train"] += 1

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""How many real images the router sends to their route (and may link), per real set.
+
+    .venv/bin/python benchmarks/router_real.py [--weights-dir models/weights]
+
+Each image is thumbnailed as at run time (`models.transforms.router_thumbnail`) and decided with
+the header a department would send (DX/CR CHEST for radiographs, DMS for dermoscopy), as
+`models.router.Router.decide` does in the pipeline. A series the router sends elsewhere, to
+"other" or with too little confidence is stored but never linked, so this share caps linkage
+recall on real streams. Sets: the chest_xr card's pediatric validation patients; cxr-nih-64
+patients the router holds out; cxr-adult-figures (a test set: reported, never chosen on);
+derm-ham select and test lesions (`models.manifest_split`, seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+
+from models.manifest_split import split_manifest  # noqa: E402
+from models.router import Router  # noqa: E402
+from models.router_training import _gray_series, _rgb_series, real_holdout  # noqa: E402
+from models.transforms import router_thumbnail  # noqa: E402
+
+
+def sets(weights: Path, tmp: Path) -> list[tuple[str, Path, str, str, object]]:
+    """(name, manifest, Modality, Body Part, row filter)."""
+    validation = set(json.loads((weights / "chest_xr" / "card.json").read_text())["validation_patients"])
+    derm = split_manifest(DATA / "derm-ham" / "manifest.csv", tmp, "derm-ham", seed=0)
+    return [("cxr-pediatric, chest_xr validation patients", DATA / "cxr-pediatric" / "manifest.csv", "DX", "CHEST",
+             lambda r: r["patient_id"] in validation),
+            ("cxr-nih-64, router's held-out patients", DATA / "cxr-nih-64" / "manifest.csv", "DX", "CHEST",
+             lambda r: real_holdout(r["patient_id"])),
+            ("cxr-adult-figures (test)", DATA / "cxr-adult-figures" / "manifest.csv", "CR", "CHEST", lambda r: True),
+            ("derm-ham select", Path(derm["select"]["path"]), "DMS", "", lambda r: True),
+            ("derm-ham test", Path(derm["test"]["path"]), "DMS", "", lambda r: True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
+    args = p.parse_args(argv)
+    router = Router.load(args.weights_dir / "router", 0.5, torch.device("cpu"))
+    print(f"router {router.card.get('version') if router.card else '(none)'}\n")
+    print("| set | images | routed and linkable | share |\n|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, manifest, modality, body_part, keep in sets(args.weights_dir, Path(tmp)):
+            with open(manifest, newline="", encoding="utf-8-sig") as fh:
+                rows = [r for r in csv.DictReader(fh) if keep(r) and not r.get("duplicate_of")]
+            rgb = modality == "DMS"
+            thumbs = []
+            for r in rows:
+                with Image.open(manifest.parent / r["image"]) as im:
+                    a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255
+                thumbs.append(router_thumbnail(_rgb_series(a) if rgb else _gray_series(a)))
+            target = "dermoscopy" if rgb else "chest_xr"
+            decided = [router.decide("rgb" if rgb else "gray", modality, body_part, pr)
+                       for pr in router.image_probabilities(torch.stack(thumbs))]
+            ok = sum(d.route == target and d.linkable for d in decided)
+            print(f"| {name} | {len(rows)} | {ok} | {ok / len(rows):.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
