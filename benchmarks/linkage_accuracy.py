@@ -14,9 +14,10 @@ Real (`--real MANIFEST`), per seed: `dicom-node convert --second-ids N --misfile
 (names and birth dates blank, sex and age kept, dates from offset_days) -> DCMTK storescu to a
 running `dicom-node serve`.
 
-Then `process --until-idle --stable-now` with the shipped models -> `links --format json` ->
-scored against truth.json by linkage.scoring, with the precision of the first k links ranked by
-probability (k = 10, 20, 50). Prints each seed's report and a summary table.
+Then `process --until-idle --stable-now` with the shipped models -> `links --format json` (the
+flags, at the review band) scored against truth.json by linkage.scoring; and the ranked queue (the
+flags, then `links --status worth-a-look`, by probability): the precision of its first k links
+(k = 10, 20, 50) and the errors it holds. Prints each seed's report and a summary table.
 """
 
 from __future__ import annotations
@@ -70,9 +71,12 @@ def run_seed(seed: int, weights: Path, work: Path, real: argparse.Namespace | No
         send_with_storescu(cohort, work, config, weights)
     cli("--config", str(config), "process", "--until-idle", "--stable-now")
     links = json.loads(cli("--config", str(config), "links", "--format", "json"))
+    worth = json.loads(cli("--config", str(config), "links", "--status", "worth-a-look", "--format", "json"))
     truth = json.loads((cohort / "truth.json").read_text())
     result = score(links, truth)
-    result["precision_at"] = precision_at(links, truth, (10, 20, 50))
+    # the ranked queue: the flags, then the worth-a-look list below them, by probability
+    result["precision_at"] = precision_at(links + worth, truth, (10, 20, 50))
+    result["queue"] = {"links": len(links) + len(worth), "found": score(links + worth, truth)["found"]}
     modality = {e["error_id"]: "+".join(sorted({k.split("/")[1] for k in e["study_keys"]})) for e in truth["errors"]}
     for missed in result["missed"]:
         missed["modality"] = modality[missed["error_id"]]
@@ -121,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix=f"linkacc-{seed}-") as tmp:
             result = run_seed(seed, args.weights_dir.resolve(), Path(tmp), args if args.real else None)
         at = ", ".join(f"P@{k} {_fmt(v['precision'])} (of {v['n']})" for k, v in result["precision_at"].items())
-        print(f"--- seed {seed}\n{format_report(result)}\nranked: {at}", flush=True)
+        print(f"--- seed {seed}\n{format_report(result)}\nranked queue: {result['queue']['links']} links holding "
+              f"{result['queue']['found']} errors; {at}", flush=True)
         rows.append({"seed": seed, **{k: result[k] for k in ("recall", "precision")},
                      "errors": result["errors"], "found": result["found"], "links": result["links"],
                      "correct": result["correct_links"],
                      "same_recall": result["by_kind"][SAME]["recall"],
                      "misfiled_recall": result["by_kind"][MISFILED]["recall"],
-                     "precision_at": result["precision_at"],
+                     "precision_at": result["precision_at"], "queue": result["queue"],
                      "missed": [f"{m['error_id']} {m['variant']} ({m['modality']})" for m in result["missed"]],
                      "false_links": result["false_links"]})
     print("\n| seed | errors | found | recall | links | correct | precision | same-ID recall | misfiled recall | missed |")
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     correct = sum(r["correct"] for r in rows)
     print(f"| all | {errors} | {found} | {found / errors:.2f} | {links} | {correct} | "
           f"{_fmt(correct / links if links else None)} | | | |")
+    print(f"ranked queue: {sum(r['queue']['links'] for r in rows)} links holding "
+          f"{sum(r['queue']['found'] for r in rows)} of {errors} errors")
     for k in (10, 20, 50):
         n = sum(r["precision_at"][k]["n"] for r in rows)
         right = sum(round((r["precision_at"][k]["precision"] or 0) * r["precision_at"][k]["n"]) for r in rows)

@@ -21,6 +21,11 @@ from db.records_linkage import LinkDraft, LinkEventView, LinkSide, LinkView, Sto
 from db.store import utcnow
 
 SYSTEM_ACTOR = "linkage"
+# Open links in these bands are flags: listed for review, counted, and their suspect studies
+# left out of comparisons. "worth-a-look" (below the review band) is a ranked list of weak
+# evidence; "withdrawn" is kept for its history only.
+LISTED_BANDS = ("review", "confident")
+WORTH_A_LOOK = "worth-a-look"
 
 
 class LinkError(Exception):
@@ -135,7 +140,7 @@ class LinkStore(LinkRecords):
             return set(session.scalars(select(Link.a_study_pk).where(
                 Link.kind == LinkKind.different_patient_same_id, Link.a_patient_pk.in_(pks),
                 or_(Link.status == LinkStatus.confirmed,
-                    (Link.status == LinkStatus.open) & (Link.band != "withdrawn")))))
+                    (Link.status == LinkStatus.open) & Link.band.in_(LISTED_BANDS)))))
 
     def open_same_partners(self, patient_pk: int) -> set[int]:
         """The other patients of open same_patient_different_id links (to re-score with new evidence)."""
@@ -223,18 +228,22 @@ class LinkStore(LinkRecords):
         return views[0]
 
     def list(self, status: str | None = "open", kind: str | None = None, ids: list[int] | None = None,
-             include_withdrawn: bool = False, patient_pks: Iterable[int] | None = None) -> list[LinkView]:
-        """Links, most probable first. status None: all; open links in the withdrawn band are
-        left out unless asked for (or asked for by id)."""
+             include_withdrawn: bool = False, patient_pks: Iterable[int] | None = None,
+             bands: tuple[str, ...] | None = None) -> list[LinkView]:
+        """Links, most probable first. status None: all; open links below the review band
+        (withdrawn, worth-a-look) are left out unless asked for (`include_withdrawn`: all bands;
+        `bands`: only these) or asked for by id."""
         query = select(Link)
+        if bands is not None:
+            query = query.where(Link.band.in_(bands))
         if status is not None:
             query = query.where(Link.status == LinkStatus(status))
         if kind is not None:
             query = query.where(Link.kind == LinkKind(kind))
         if ids is not None:
             query = query.where(Link.id.in_(ids))
-        elif not include_withdrawn:
-            query = query.where(or_(Link.status != LinkStatus.open, Link.band != "withdrawn"))
+        elif not include_withdrawn and bands is None:
+            query = query.where(or_(Link.status != LinkStatus.open, Link.band.in_(LISTED_BANDS)))
         if patient_pks is not None:
             pks = list(patient_pks)
             query = query.where(or_(Link.a_patient_pk.in_(pks), Link.b_patient_pk.in_(pks)))
@@ -281,15 +290,19 @@ class LinkStore(LinkRecords):
         """Links by status; `open` counts only those listed for review (not withdrawn)."""
         with self._read() as session:
             rows = session.execute(select(Link.status, func.count()).where(
-                or_(Link.status != LinkStatus.open, Link.band != "withdrawn")).group_by(Link.status)).all()
+                or_(Link.status != LinkStatus.open, Link.band.in_(LISTED_BANDS))).group_by(Link.status)).all()
+            worth = session.scalar(select(func.count()).select_from(Link).where(
+                Link.status == LinkStatus.open, Link.band == WORTH_A_LOOK))
         counts = {status.value: 0 for status in LinkStatus}
         counts.update({status.value: int(n) for status, n in rows})
+        counts[WORTH_A_LOOK] = int(worth or 0)
         return counts
 
     def open_link_ids(self) -> list[int]:
         """Ids of the links listed for review, in `list`'s order (most probable first)."""
         with self._read() as session:
-            return list(session.scalars(select(Link.id).where(Link.status == LinkStatus.open, Link.band != "withdrawn")
+            return list(session.scalars(select(Link.id).where(Link.status == LinkStatus.open,
+                                                              Link.band.in_(LISTED_BANDS))
                                         .order_by(Link.probability.desc(), Link.id)))
 
 def _apply(link: Link, draft: LinkDraft, now: datetime) -> None:

@@ -128,6 +128,10 @@ class LinkageSettings(_Section):
     # one pair's image evidence is bounded to +- max_image_total nats.
     further_route_factor: float = Field(0.5, ge=0, le=1)
     max_image_total: float = Field(16.0, gt=0)
+    # Below review_probability, links from this probability are kept in a ranked "worth a look"
+    # list (`links --status worth-a-look`, the web queue's second tab), never counted as flags.
+    # 0 switches the list off.
+    worth_a_look_probability: float = Field(0.05, ge=0, lt=1)
     # Where the candidate index is saved between runs (relative to storage.dir).
     index_dir: Path = Path("linkage-index")
     # Check compared image pairs geometrically for the models whose card asks for it

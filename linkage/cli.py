@@ -38,8 +38,11 @@ def _store(args):
 
 def cmd_links(args: argparse.Namespace) -> int:
     store = _store(args)
-    status = None if args.status == "all" else args.status
-    views = store.list(status=status, kind=args.kind, include_withdrawn=args.withdrawn)
+    if args.status == "worth-a-look":       # below the review band, ranked: weak evidence worth a glance
+        views = store.list(status="open", kind=args.kind, bands=("worth-a-look",))
+    else:
+        status = None if args.status == "all" else args.status
+        views = store.list(status=status, kind=args.kind, include_withdrawn=args.withdrawn)
     out = sys.stdout
     if args.format == "json":
         json.dump([v.to_json() for v in views], out, indent=2)
@@ -97,11 +100,13 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers) -> None:
     links = subparsers.add_parser("links", help="list flagged identity links")
-    links.add_argument("--status", choices=("open", "confirmed", "rejected", "all"), default="open")
+    links.add_argument("--status", choices=("open", "confirmed", "rejected", "all", "worth-a-look"), default="open",
+                       help="open: the flags to review (default); worth-a-look: open links below the review band "
+                            "from [linkage] worth_a_look_probability, most probable first")
     links.add_argument("--kind", choices=("same_patient_different_id", "different_patient_same_id"), default=None)
     links.add_argument("--format", choices=("json", "csv", "table"), default="table")
     links.add_argument("--withdrawn", action="store_true",
-                       help="also list open links whose evidence fell below the review threshold")
+                       help="also list open links below the review threshold (withdrawn and worth-a-look)")
     links.set_defaults(handler=cmd_links)
 
     review = subparsers.add_parser("review", help="confirm, reject or reopen a link (audited)")

@@ -30,6 +30,7 @@ from linkage.evidence import Demographics, MatchWeights, valid_date, compare
 
 SAME = "same_patient_different_id"
 MISFILED = "different_patient_same_id"
+WORTH_A_LOOK = "worth-a-look"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Thresholds:
     max_image_llr: float = 12.0
     further_route_factor: float = 0.5
     max_image_total: float = 16.0
+    worth_a_look: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class Decision:
 
 def demographics(facts: StudyFacts) -> Demographics:
     return Demographics(facts.name, facts.birth_date, facts.sex, facts.age, facts.study_date, facts.issuer)
+
+
+def stored_band(decision: Decision, t: Thresholds) -> str:
+    """The band a link is stored in: below the review band, "worth-a-look" from t.worth_a_look
+    (0: off), a ranked list for weak evidence that is never counted as a flag."""
+    if decision.band == "withdrawn" and t.worth_a_look > 0 and decision.probability >= t.worth_a_look:
+        return WORTH_A_LOOK
+    return decision.band
 
 
 def band_of(probability: float, t: Thresholds) -> str:

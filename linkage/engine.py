@@ -122,7 +122,7 @@ class LinkageEngine:
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr, cfg.further_route_factor,
-                                  cfg.max_image_total)
+                                  cfg.max_image_total, cfg.worth_a_look_probability)
         cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
         verification = load_verification_settings(cards)
         index_dir = settings.storage_dir / cfg.index_dir
@@ -287,6 +287,8 @@ class LinkageEngine:
             decision = D.Decision(decision.probability, decision.weight, decision.band, decision.b_study_pk,
                                   decision.a_study_pk, decision.evidence)
             a_patient, b_patient = b_patient, a_patient
+        decision = D.Decision(decision.probability, decision.weight, D.stored_band(decision, self.t),
+                              decision.a_study_pk, decision.b_study_pk, decision.evidence)
         _, action = self.store.upsert(D.to_draft(kind, key, decision, a_patient, b_patient))
         if action == "created":
             stats.created += 1

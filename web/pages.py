@@ -65,7 +65,15 @@ def dashboard(request: Request, user: CurrentUser = Depends(any_user)):
 def review_queue(request: Request, user: CurrentUser = Depends(any_user)):
     items = services.queue(_ctx(request))
     _ctx(request).accounts.audit(user.name, "view_queue", "queue", {"links": len(items)})
-    return _render(request, "queue.html", user, items=items)
+    return _render(request, "queue.html", user, items=items, worth_a_look=False)
+
+
+@router.get("/queue/worth-a-look")
+def worth_a_look_queue(request: Request, user: CurrentUser = Depends(any_user)):
+    """Open links below the review band, most probable first (weak evidence, not flags)."""
+    items = services.queue(_ctx(request), worth_a_look=True)
+    _ctx(request).accounts.audit(user.name, "view_queue", "queue/worth-a-look", {"links": len(items)})
+    return _render(request, "queue.html", user, items=items, worth_a_look=True)
 
 
 # ----- one link ----------------------------------------------------------------------------

@@ -108,12 +108,13 @@ def _side_summary(side) -> dict:
             "modalities": list(side.modalities), "description": side.description}
 
 
-def queue(ctx: WebContext) -> list[dict]:
-    """Open links for review, most probable first."""
+def queue(ctx: WebContext, worth_a_look: bool = False) -> list[dict]:
+    """Open links for review, most probable first; or the ranked "worth a look" list below them."""
+    views = ctx.links.list(status="open", bands=("worth-a-look",)) if worth_a_look else ctx.links.list(status="open")
     return [{"id": v.id, "kind": v.kind, "kind_label": KIND_LABELS.get(v.kind, v.kind), "band": v.band,
              "probability": v.probability, "weight": v.weight, "created_at": v.created_at,
              "a": _side_summary(v.a), "b": _side_summary(v.b)}
-            for v in ctx.links.list(status="open")]
+            for v in views]
 
 
 def _get(ctx: WebContext, link_id: int):

@@ -159,7 +159,7 @@ def test_account_store_and_dashboard_queries(store):
     hour = utcnow().strftime("%Y-%m-%dT%H")
     per_hour = store.instances_per_hour(utcnow().replace(minute=0, second=0, microsecond=0))
     assert per_hour.get(hour) == 2 or sum(per_hour.values()) == 2
-    assert links.link_counts() == {"open": 1, "confirmed": 0, "rejected": 0}
+    assert links.link_counts() == {"open": 1, "confirmed": 0, "rejected": 0, "worth-a-look": 0}
     assert len(store.find_patient_pks(name="smith")) == 2 and store.find_patient_pks(patient_id="Q2", issuer="X")
     assert store.find_patient_pks() == [] and store.find_patient_pks(patient_id="Q2", issuer="Y") == []
 

@@ -12,7 +12,7 @@ from urllib.parse import urljoin, urlparse
 from tests.helpers import free_port
 from tests.web.site import PASSWORDS, PHI, audit_rows, client, logged_in, patient_pk
 
-SAFE_URL = re.compile(r"^/(|queue|search|audit|users|login|logout|api/docs|api/openapi\.json|links/\d+|"
+SAFE_URL = re.compile(r"^/(|queue|queue/worth-a-look|search|audit|users|login|logout|api/docs|api/openapi\.json|links/\d+|"
                       r"links/\d+/review|patients/\d+|users/\d+/disabled|thumbnails/series/\d+\.png|"
                       r"static/[\w.-]+)$")
 
