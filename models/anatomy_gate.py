@@ -34,13 +34,12 @@ def planes(kind: str, images: list) -> list[np.ndarray]:
     """2D float arrays to measure: each 2D image (channels averaged), or central slices of a volume."""
     out = []
     for image in images:
-        array = np.asarray(image, dtype=np.float32)
-        if kind == "volume":
-            volume = array[0]
-            depth = volume.shape[-1]
+        if kind == "volume":           # only the picked slices are copied out of the volume
+            depth = image.shape[-1]
             picks = sorted({int(round(k)) for k in np.linspace(depth * 0.3, depth * 0.7 - 1, VOLUME_SLICES)})
-            out += [volume[..., k] for k in picks if 0 <= k < depth]
+            out += [np.asarray(image[0, ..., k], dtype=np.float32) for k in picks if 0 <= k < depth]
         else:
+            array = np.asarray(image, dtype=np.float32)
             out.append(array.mean(axis=0) if array.ndim == 3 else array)
     return [_central_crop(p) for p in out if p.ndim == 2 and min(p.shape) >= 4]
 
