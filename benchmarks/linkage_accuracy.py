@@ -135,15 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                      "precision_at": result["precision_at"], "queue": result["queue"],
                      "missed": [f"{m['error_id']} {m['variant']} ({m['modality']})" for m in result["missed"]],
                      "false_links": result["false_links"]})
-    print("\n| seed | errors | found | recall | links | correct | precision | same-ID recall | misfiled recall | missed |")
+    print("\n| seed | errors | found | recall | links | correct | precision | same-ID recall | misfiled recall "
+          "| missed |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['errors']} | {r['found']} | {r['recall']:.2f} | {r['links']} | {r['correct']} | "
-              f"{r['precision']:.2f} | {r['same_recall']:.2f} | {r['misfiled_recall']:.2f} | {', '.join(r['missed'])} |")
+        print(f"| {r['seed']} | {r['errors']} | {r['found']} | {_fmt(r['recall'])} | {r['links']} | {r['correct']} | "
+              f"{_fmt(r['precision'])} | {_fmt(r['same_recall'])} | {_fmt(r['misfiled_recall'])} | "
+              f"{', '.join(r['missed'])} |")
     links = sum(r["links"] for r in rows)
     found, errors = sum(r["found"] for r in rows), sum(r["errors"] for r in rows)
     correct = sum(r["correct"] for r in rows)
-    print(f"| all | {errors} | {found} | {found / errors:.2f} | {links} | {correct} | "
+    print(f"| all | {errors} | {found} | {_fmt(found / errors if errors else None)} | {links} | {correct} | "
           f"{_fmt(correct / links if links else None)} | | | |")
     print(f"ranked queue: {sum(r['queue']['links'] for r in rows)} links holding "
           f"{sum(r['queue']['found'] for r in rows)} of {errors} errors")

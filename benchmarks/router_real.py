@@ -19,7 +19,6 @@ import csv
 import json
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np

@@ -72,12 +72,12 @@ def _table(views, out) -> None:
     if not views:
         out.write("no links\n")
         return
-    header = f"{'id':>5}  {'kind':<26} {'status':<9} {'band':<9} {'P':>6}  {'a (ID^issuer, date)':<34} b\n"
+    header = f"{'id':>5}  {'kind':<26} {'status':<9} {'band':<12} {'P':>6}  {'a (ID^issuer, date)':<34} b\n"
     out.write(header)
     for v in views:
         a = f"{v.a.patient_id}^{v.a.issuer} {v.a.study_date or ''}"
         b = f"{v.b.patient_id}^{v.b.issuer} {v.b.study_date or ''}"
-        out.write(f"{v.id:>5}  {v.kind:<26} {v.status:<9} {v.band:<9} {v.probability:6.3f}  {a:<34} {b}\n")
+        out.write(f"{v.id:>5}  {v.kind:<26} {v.status:<9} {v.band:<12} {v.probability:6.3f}  {a:<34} {b}\n")
     out.write(f"{len(views)} link(s)\n")
 
 

@@ -143,8 +143,9 @@ def test_a_trained_backbone_card_reloads_to_the_same_embeddings_in_the_pipeline(
     assert (model.name, model.version, model.dim) == (card["name"], card["version"], 256)
 
     # one synthetic CR radiograph, routed by its header (no router weights here)
-    rng = np.random.default_rng(3)
-    pixels = (rng.random((80, 72)) * 4000).astype(np.uint16)
+    rng = np.random.default_rng(3)         # a smooth random field: white noise is not anatomy (anatomy gate)
+    field = np.cumsum(np.cumsum(rng.normal(size=(80, 72)), 0), 1)
+    pixels = ((field - field.min()) / np.ptp(field) * 4000).astype(np.uint16)
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
