@@ -15,37 +15,34 @@ derm-ham select and test lesions (`models.manifest_split`, seed 0).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
+from models.evaluate import read_manifest  # noqa: E402
 from models.manifest_split import split_manifest  # noqa: E402
 from models.router import Router  # noqa: E402
-from models.router_training import _gray_series, _rgb_series, real_holdout  # noqa: E402
-from models.transforms import router_thumbnail  # noqa: E402
+from models.router_training import picture_thumbnail, real_holdout  # noqa: E402
 
 
 def sets(weights: Path, tmp: Path) -> list[tuple[str, Path, str, str, object]]:
-    """(name, manifest, Modality, Body Part, row filter)."""
+    """(name, manifest, Modality, Body Part, patient filter)."""
     validation = set(json.loads((weights / "chest_xr" / "card.json").read_text())["validation_patients"])
     derm = split_manifest(DATA / "derm-ham" / "manifest.csv", tmp, "derm-ham", seed=0)
     return [("cxr-pediatric, chest_xr validation patients", DATA / "cxr-pediatric" / "manifest.csv", "DX", "CHEST",
-             lambda r: r["patient_id"] in validation),
+             lambda pid: pid in validation),
             ("cxr-nih-64, router's held-out patients", DATA / "cxr-nih-64" / "manifest.csv", "DX", "CHEST",
-             lambda r: real_holdout(r["patient_id"])),
-            ("cxr-adult-figures (test)", DATA / "cxr-adult-figures" / "manifest.csv", "CR", "CHEST", lambda r: True),
-            ("derm-ham select", Path(derm["select"]["path"]), "DMS", "", lambda r: True),
-            ("derm-ham test", Path(derm["test"]["path"]), "DMS", "", lambda r: True)]
+             real_holdout),
+            ("cxr-adult-figures (test)", DATA / "cxr-adult-figures" / "manifest.csv", "CR", "CHEST", lambda pid: True),
+            ("derm-ham select", Path(derm["select"]["path"]), "DMS", "", lambda pid: True),
+            ("derm-ham test", Path(derm["test"]["path"]), "DMS", "", lambda pid: True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| set | images | routed and linkable | share |\n|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, manifest, modality, body_part, keep in sets(args.weights_dir, Path(tmp)):
-            with open(manifest, newline="", encoding="utf-8-sig") as fh:
-                rows = [r for r in csv.DictReader(fh) if keep(r) and not r.get("duplicate_of")]
+            rows = [path for path, pid in read_manifest(manifest) if keep(pid)]
             rgb = modality == "DMS"
-            thumbs = []
-            for r in rows:
-                with Image.open(manifest.parent / r["image"]) as im:
-                    a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255
-                thumbs.append(router_thumbnail(_rgb_series(a) if rgb else _gray_series(a)))
+            thumbs = [picture_thumbnail(path, rgb) for path in rows]
             target = "dermoscopy" if rgb else "chest_xr"
             decided = [router.decide("rgb" if rgb else "gray", modality, body_part, pr)
                        for pr in router.image_probabilities(torch.stack(thumbs))]

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -282,13 +282,11 @@ class LinkageEngine:
         return self.calibrations.get(model_key)
 
     def _save(self, kind: str, key: str, decision: D.Decision, a_patient: int, b_patient: int, stats: LinkStats) -> None:
+        decision = replace(decision, band=D.stored_band(decision, self.t))
         if kind == D.SAME and a_patient > b_patient:
             # one orientation per pair: a is the lower patient key, its study first
-            decision = D.Decision(decision.probability, decision.weight, decision.band, decision.b_study_pk,
-                                  decision.a_study_pk, decision.evidence)
+            decision = replace(decision, a_study_pk=decision.b_study_pk, b_study_pk=decision.a_study_pk)
             a_patient, b_patient = b_patient, a_patient
-        decision = D.Decision(decision.probability, decision.weight, D.stored_band(decision, self.t),
-                              decision.a_study_pk, decision.b_study_pk, decision.evidence)
         _, action = self.store.upsert(D.to_draft(kind, key, decision, a_patient, b_patient))
         if action == "created":
             stats.created += 1

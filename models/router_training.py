@@ -38,13 +38,14 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from PIL import Image
 from scipy import ndimage
 
 from models.errors import SeriesError
 from models.loading import LoadedSeries, load_series
 from models.networks import read_card, sha256_file
 from models.router import untrained_router_net
-from models.transforms import ROUTES, router_thumbnail
+from models.transforms import ROUTE_INPUTS, ROUTES, router_thumbnail
 
 SYNTH_ROUTES = {"cxr": "chest_xr", "ct": "chest_ct", "mr": "brain_mr", "fundus": "fundus", "derm": "dermoscopy"}
 log = logging.getLogger("models.router_training")
@@ -232,6 +233,13 @@ def real_holdout(patient_id: str) -> bool:
     return zlib.crc32(patient_id.encode() + b"router") % 5 == 0
 
 
+def picture_thumbnail(path: Path, rgb: bool) -> torch.Tensor:
+    """The router thumbnail of a PNG/JPEG file, read as the pipeline reads its DICOM (values in [0, 1])."""
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
+    return router_thumbnail(_rgb_series(a) if rgb else _gray_series(a))
+
+
 def real_examples(specs: list[str], classes, limit: int, exclude: frozenset = frozenset()) -> tuple:
     """Thumbnails of real labelled images: (train x, train labels, held-out x, held-out labels, info).
 
@@ -239,26 +247,20 @@ def real_examples(specs: list[str], classes, limit: int, exclude: frozenset = fr
     patient_id). Patients are split by a hash of their ID (one in five held out), and at most
     `limit` images per manifest are used, patients taken in hash order so the choice is stable.
     Patients in `exclude` (an identity model's validation patients) are left out."""
-    import csv
-
-    from PIL import Image
+    from models.evaluate import read_manifest
 
     train_x, train_y, held_x, held_y, info = [], [], [], [], []
     for spec in specs:
         route, _, manifest = spec.partition("=")
         if route not in classes or not manifest:
             raise ValueError(f"--real {spec!r}: expected ROUTE=MANIFEST with ROUTE one of {', '.join(classes)}")
-        manifest = Path(manifest)
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.DictReader(fh) if not r.get("duplicate_of") and r["patient_id"] not in exclude]
-        rows.sort(key=lambda r: (zlib.crc32(r["patient_id"].encode()), r["image"]))
-        used = {"route": route, "manifest": str(manifest), "train": 0, "held_out": 0}
-        for row in rows[:limit]:
-            with Image.open(manifest.parent / row["image"]) as im:
-                rgb = route in ("dermoscopy", "fundus")
-                a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
-            thumb = router_thumbnail(_rgb_series(a) if rgb else _gray_series(a))
-            held = real_holdout(row["patient_id"])
+        rows = [(path, pid) for path, pid in read_manifest(Path(manifest)) if pid not in exclude]
+        rows.sort(key=lambda r: (zlib.crc32(r[1].encode()), str(r[0])))
+        used = {"route": route, "manifest": manifest, "train": 0, "held_out": 0}
+        rgb = ROUTE_INPUTS[route]["channels"] == 3
+        for path, pid in rows[:limit]:
+            thumb = picture_thumbnail(path, rgb)
+            held = real_holdout(pid)
             (held_x if held else train_x).append(thumb)
             (held_y if held else train_y).append(route)
             used["held_out" if held else "train"] += 1

@@ -48,6 +48,7 @@ from models.augment import augmentations
 from models.calibration import fit_calibration
 from models.db_data import Examples, as_float, embed_examples, load_examples, load_manifest_examples, pool
 from models.evaluate import read_manifest
+from models.fusion import is_fused
 from models.losses import init_proxies, loss_and_miner
 from models.model_card import training_card
 from models.backbones import PREFIX, freeze, param_groups, parse, provenance
@@ -231,7 +232,7 @@ def net_spec(cfg: TrainConfig) -> tuple[NetSpec, dict | None]:
         if found is None:
             raise ValueError(f"--init {cfg.init}: no model.pt and card.json there")
         init_card = found[0]
-        if "fusion" in (init_card.get("arch") or {}):
+        if is_fused(init_card):
             raise ValueError(f"--init {cfg.init}: a fused model (models.fusion) is not trained further; train a "
                              "member and fuse again")
         if init_card.get("route") not in (None, cfg.route):
