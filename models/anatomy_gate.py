@@ -52,8 +52,11 @@ def plane_problem(plane: np.ndarray) -> str | None:
     low, high = np.percentile(values, [1, 99])
     if high <= low:
         return "blank"
-    _, counts = np.unique(np.round((values - low) / (high - low) * 4095).astype(np.int32), return_counts=True)
-    if np.sort(counts)[-PATTERN_LEVELS:].sum() >= PATTERN_SHARE * values.size:
+    # 4,096 grey levels between p1 and p99, the tails (2 % at most) in one bin each: a histogram,
+    # linear in the pixels (a sort of them, np.unique, was most of the check's time)
+    levels = np.clip(np.rint((values - low) / (high - low) * 4095), -1, 4096).astype(np.int32) + 1
+    counts = np.bincount(levels, minlength=4098)
+    if np.partition(counts, -PATTERN_LEVELS)[-PATTERN_LEVELS:].sum() >= PATTERN_SHARE * values.size:
         return "pattern"
     if neighbour_correlation(np.nan_to_num(plane, nan=float(low))) < MIN_NEIGHBOUR_CORRELATION:
         return "noise"
