@@ -44,7 +44,7 @@ import torch
 
 from db.records import SeriesWork
 from dicom_node.config import PipelineSettings
-from models.pipeline import STAGES, SeriesPipeline
+from models.inference.pipeline import STAGES, SeriesPipeline
 
 ORDER = ("chest_xr", "chest_ct", "brain_mr", "fundus", "dermoscopy", "other")
 SYNTH_ROUTES = {"cxr": "chest_xr", "ct": "chest_ct", "mr": "brain_mr", "fundus": "fundus", "derm": "dermoscopy"}
@@ -111,7 +111,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp) / "cohort"
-        subprocess.run([sys.executable, "-m", "dicom_node.synth.cli", "synth", "--out", str(root), "--patients",
+        subprocess.run([sys.executable, "-m", "synth.cli", "synth", "--out", str(root), "--patients",
                         str(args.patients), "--visits", str(args.visits), "--preset", args.preset, "--seed", "7",
                         "--quiet"], check=True, cwd=ROOT)
         works = make_works(root)

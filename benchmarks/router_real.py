@@ -3,13 +3,13 @@
 
     .venv/bin/python benchmarks/router_real.py [--weights-dir models/weights]
 
-Each image is thumbnailed as at run time (`models.transforms.router_thumbnail`) and decided with
+Each image is thumbnailed as at run time (`models.inference.transforms.router_thumbnail`) and decided with
 the header a department would send (DX/CR CHEST for radiographs, DMS for dermoscopy), as
-`models.router.Router.decide` does in the pipeline. A series the router sends elsewhere, to
+`models.inference.router.Router.decide` does in the pipeline. A series the router sends elsewhere, to
 "other" or with too little confidence is stored but never linked, so this share caps linkage
 recall on real streams. Sets: the chest_xr card's pediatric validation patients; cxr-nih-64
 patients the router holds out; cxr-adult-figures (a test set: reported, never chosen on);
-derm-ham select and test lesions (`models.manifest_split`, seed 0).
+derm-ham select and test lesions (`models.datasets.manifest_split`, seed 0).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
-from models.evaluate import read_manifest  # noqa: E402
-from models.manifest_split import split_manifest  # noqa: E402
-from models.router import Router  # noqa: E402
-from models.router_training import picture_thumbnail, real_holdout  # noqa: E402
+from models.datasets.examples import read_manifest  # noqa: E402
+from models.datasets.manifest_split import split_manifest  # noqa: E402
+from models.inference.router import Router  # noqa: E402
+from models.training.router_data import picture_thumbnail, real_holdout  # noqa: E402
 
 
 def sets(weights: Path, tmp: Path) -> list[tuple[str, Path, str, str, object]]:

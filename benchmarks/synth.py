@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_node.synth.cli import build_config  # noqa: E402
-from dicom_node.synth.cohort import generate  # noqa: E402
-from dicom_node.synth.plan import PRESETS  # noqa: E402
+from synth.cli import build_config  # noqa: E402
+from synth.cohort import generate  # noqa: E402
+from synth.plan import PRESETS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"studies={s['studies']} series={s['series']} files={s['files']} seconds={secs:.1f} "
               f"MB={s['bytes'] / 1e6:.1f} files_per_s={s['files'] / secs:.0f}")
         if args.baseline:
-            from dicom_node.synth.baseline import evaluate
+            from synth.baseline import evaluate
             for mod, r in evaluate(out).items():
                 print(f"baseline {mod}: rank1={r['rank1']:.3f} chance={r['chance']:.3f} units={r['units']}")
     finally:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.synth.cli import add_subcommands as add_synth_subcommands
 from linkage.cli import add_subcommands as add_linkage_subcommands
 from linkage.cli_records import add_subcommands as add_records_subcommands
-from models.cli_training import add_subcommands as add_training_subcommands
+from models.cli import add_subcommands as add_training_subcommands
+from synth.cli import add_subcommands as add_synth_subcommands
 from web.cli import add_subcommands as add_user_subcommands
 
 

@@ -135,7 +135,7 @@ class LinkageSettings(_Section):
     # Where the candidate index is saved between runs (relative to storage.dir).
     index_dir: Path = Path("linkage-index")
     # Check compared image pairs geometrically for the models whose card asks for it
-    # (models/verification.py; reads the compared series' images again). Off: the cosine
+    # (models/inference/verification.py; reads the compared series' images again). Off: the cosine
     # alone, with the card's cosine calibration, e.g. while a whole archive is imported.
     check_image_pairs: bool = True
     # Keep the checked series' image features on disk (under index_dir), so restarts and series

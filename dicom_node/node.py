@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from db.accounts import AccountStore
 from db.engine import make_engine
 from db.migrate import upgrade
 from db.store import IdentityStore
@@ -60,7 +61,7 @@ class StoredSeriesFiles:
 
     def images(self, series_pk: int) -> list:
         """The series' 2D images through the pipeline's loader."""
-        from models.loading import load_series
+        from models.inference.loading import load_series
         found = self.store.series_files(series_pk)
         return load_series([self.storage_dir / p for p in found[1]]).images if found and found[1] else []
 
@@ -80,11 +81,11 @@ class StoredSeriesFiles:
 
 def make_worker(settings: Settings, engine: Engine, linker=None):
     """A pipeline worker; loads the models (torch is imported only here)."""
+    import torch
+
     from db.queue import WorkQueue
     from dicom_node.worker import RetryPolicy, Worker
-    from models.pipeline import SeriesPipeline
-
-    import torch
+    from models.inference.pipeline import SeriesPipeline
 
     pipeline_settings = settings.pipeline
     torch.set_num_threads(pipeline_settings.torch_threads)
@@ -159,7 +160,10 @@ def configure_logging(settings: Settings) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_pynetdicom_without_traceback)
     threading.excepthook = _one_line_for_pynetdicom_threads
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Libraries' start-up chatter (faiss's loader tries each CPU build in turn, Alembic names its
+    # SQL dialect) is not news to an operator; their warnings still show.
+    for name in ("apscheduler", "faiss.loader", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def serve(settings: Settings, ready: threading.Event | None = None) -> int:
@@ -189,6 +193,10 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> int:
             stop.set()
             raise
         print(f"web pages on {web.scheme}://{settings.web.host}:{web.port}/", flush=True)
+        if not AccountStore(parts.engine).users():
+            print("no web accounts yet: create the first one with "
+                  "`dicom-node user add NAME --role admin` (archivist and clinician accounts the same way)",
+                  flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

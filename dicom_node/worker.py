@@ -1,10 +1,10 @@
 """Pipeline workers: claim stable series, run load -> normalize -> route -> embed, store the result.
 
-The imaging itself is `models.pipeline`; this module only moves plain data
+The imaging itself is `models.inference.pipeline`; this module only moves plain data
 between the work queue (`db.queue`) and the pipeline, and decides retries.
 
 A worker thread must outlive any series: besides Exception, every BaseException but
-the interrupts in `models.errors.FATAL` is caught, because pyo3 (Rust) extensions such
+the interrupts in `models.inference.errors.FATAL` is caught, because pyo3 (Rust) extensions such
 as the pylibjpeg-rle decoder raise `pyo3_runtime.PanicException`, a BaseException.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from db.queue import WorkQueue
 from db.records import SeriesWork
-from models.errors import FATAL, SeriesError, describe
+from models.inference.errors import FATAL, SeriesError, describe
 
 log = logging.getLogger("dicom_node.worker")
 

@@ -6,8 +6,8 @@ Pure functions over plain data; the engine (`linkage.engine`) gathers the inputs
     P(hypothesis)  = sigmoid(W + ln(prior / (1 - prior)))
 
 Image evidence per route is the identity model's calibrated log-likelihood ratio of the
-cosine similarity (`models.calibration`; plus the geometric verification bonus of
-`models.verification` for the models whose card asks for it), each pair of series clipped to +-max_image_llr,
+cosine similarity (`models.inference.calibration`; plus the geometric verification bonus of
+`models.inference.verification` for the models whose card asks for it), each pair of series clipped to +-max_image_llr,
 then the median over the pairs (robust to one odd series). Routes are different images of the
 person but not independent evidence (a family shares its anatomy on every route), so they add
 with falling weights: the strongest route in full, the next times further_route_factor, the next
@@ -26,7 +26,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from db.records_linkage import LinkDraft, StudyFacts
-from linkage.evidence import Demographics, MatchWeights, valid_date, compare
+from linkage.evidence import Demographics, MatchWeights, compare, valid_date
 
 SAME = "same_patient_different_id"
 MISFILED = "different_patient_same_id"

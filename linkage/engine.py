@@ -30,9 +30,9 @@ from db.records_linkage import StoredEmbedding
 from linkage import decide as D
 from linkage.evidence import MatchWeights
 from linkage.search import CandidateIndex
-from models.calibration import Calibration
-from models.verification import SeriesVerifier, VerificationSettings
-from models.verification_files import FeatureFolder
+from models.inference.calibration import Calibration
+from models.inference.verification import SeriesVerifier, VerificationSettings
+from models.inference.verification_files import FeatureFolder
 
 log = logging.getLogger("linkage.engine")
 
@@ -41,7 +41,7 @@ ModelKey = tuple[str, str, str]          # (route, model name, model version)
 
 
 def registry_cards(weights_dir: Path | None) -> dict[ModelKey, dict]:
-    """Model key -> card, for the registry's cards, read once as JSON (models.networks would import
+    """Model key -> card, for the registry's cards, read once as JSON (models.inference.networks would import
     torch); an unreadable card is logged and left out."""
     out = {}
     if not weights_dir or not Path(weights_dir).is_dir():
@@ -74,7 +74,7 @@ def load_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Calibration
 
 
 def load_verification_settings(cards: dict[ModelKey, dict]) -> dict[ModelKey, VerificationSettings]:
-    """Model key -> geometric verification settings (models.verification), for the cards that ask for it."""
+    """Model key -> geometric verification settings (models.inference.verification), for the cards that ask for it."""
     return _card_entries(cards, "verification", VerificationSettings.from_card)
 
 

@@ -21,7 +21,6 @@ from pynetdicom.sop_class import Verification
 from dicom_node.config import settings_from_dict
 from dicom_node.part10 import split_part10
 
-
 TEST_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
 POSTGRES_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -234,7 +233,7 @@ def write_image_manifest(folder, patients=6, per=3, contrast=1.0, offset=0):
     import numpy as np
     from PIL import Image
 
-    from models.training import synthetic_patients
+    from models.datasets.patients import synthetic_patients
     images, labels = synthetic_patients(patients, per, 48, seed=7)
     (folder / "images").mkdir(parents=True)
     rows = []

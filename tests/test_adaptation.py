@@ -1,4 +1,4 @@
-"""Batch-norm adaptation to a site's images (`dicom-node adapt`, models/adaptation.py)."""
+"""Batch-norm adaptation to a site's images (`dicom-node adapt`, models/training/adaptation.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dicom_node.cli import main
-from models.adaptation import adapt_batchnorm, batchnorm_layers
-from models.networks import EmbeddingNet, NetSpec, WeightsError, load_identity_model, seeded, sha256_file
-from tests.helpers import load_benchmark, write_image_manifest
+from models.inference.networks import EmbeddingNet, NetSpec, WeightsError, load_identity_model, seeded, sha256_file
+from models.training.adaptation import adapt_batchnorm, batchnorm_layers
+from tests.helpers import write_image_manifest
 
 SPEC = NetSpec(2, 1, widths=(8, 8, 16, 16), dim=16)
 
@@ -136,22 +136,8 @@ def test_adapt_cli_refuses_untrained_routes_and_missing_sources(tmp_path, capsys
         main(["adapt", "--route", "chest_xr", "--manifest", str(site), "--from-db", "--out", str(tmp_path / "o")])
 
 
-def test_the_adaptation_benchmark_scores_disjoint_halves(trained_weights, tmp_path):
-    module = load_benchmark("adaptation")
-    site = write_image_manifest(tmp_path / "site", patients=6, per=3, contrast=0.5, offset=60)
-    out = tmp_path / "a.json"
-    assert module.main(["--route", "chest_xr", "--manifest", str(site), "--weights-dir", str(trained_weights),
-                        "--splits", "2", "--threads", "1", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["transductive"]["plain"]["gallery_size"] == 17 and len(r["halves"]) == 4
-    for split in (0, 1):                                   # each split's two halves share no image: 9 + 9
-        halves = [h for h in r["halves"] if h["split"] == split]
-        assert sorted(h["plain"]["gallery_size"] + 1 for h in halves) == [9, 9]
-    assert r["transductive"]["plain"] != r["transductive"]["adapted"]
-
-
 def test_at_most_max_series_are_read_drawn_the_same_way_each_time(trained_weights, tmp_path, capsys):
-    from models.db_data import random_subset
+    from models.datasets.examples import random_subset
     assert random_subset(list(range(10)), None) == list(range(10)) == random_subset(list(range(10)), 10)
     drawn = random_subset(list(range(100)), 7)
     assert len(set(drawn)) == 7 and drawn == sorted(drawn) == random_subset(list(range(100)), 7)
@@ -170,7 +156,7 @@ def test_at_most_max_series_are_read_drawn_the_same_way_each_time(trained_weight
 
 
 def test_adapted_card_keeps_the_views_in_its_version_and_moves_the_base_metrics(tmp_path):
-    from models.adaptation import adapted_card
+    from models.training.adaptation import adapted_card
     weights = tmp_path / "model.pt"
     weights.write_bytes(b"adapted weights")
     base = {"name": "n", "version": "20261130-x+scales", "sha256": "0" * 64, "test_time_views": "scales",

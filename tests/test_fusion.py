@@ -1,4 +1,4 @@
-"""`dicom-node fuse` (models/fusion.py): two trained networks of a 2D route behind one card, loaded by the
+"""`dicom-node fuse` (models/training/fuse.py, models.inference.networks.FusedNet): two trained networks of a 2D route behind one card, loaded by the
 registry like any model; the fused cosine is the weighted mean of the members' cosines."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.cli import main
-from models.networks import embed_views, load_identity_model
+from models.inference.networks import embed_views, load_identity_model
 from tests.helpers import write_image_manifest
 
 
@@ -40,6 +40,9 @@ def test_fused_cosine_is_the_weighted_mean_of_the_members(members, tmp_path):
     assert card["input"]["size"] == 64 and fused.dim == 256 + 16
     assert [m["weight"] for m in card["arch"]["fusion"]] == [0.75, 0.25]
     assert card["arch"]["fusion"][0]["test_time_views"] == "scales"
+    # each member's limitations in one readable line (a training card writes them as one string)
+    member_a = json.loads((a / "card.json").read_text())
+    assert card["limitations"][1] == f"{member_a['name']}: {member_a['limitations']}"
     x = torch.rand(5, 1, 64, 64)
     ma = load_identity_model("chest_xr", a.parent, torch.device("cpu"))
     mb = load_identity_model("chest_xr", b.parent, torch.device("cpu"))
@@ -66,3 +69,24 @@ def test_fuse_refuses_what_it_cannot_fuse(members, tmp_path, capsys):
     assert main(["train", "--route", "chest_xr", "--manifest", str(manifest), "--init", str(out),
                  "--epochs", "1", "--out", str(tmp_path / "t")]) == 2
     assert "fused model" in capsys.readouterr().err
+
+
+def test_fuse_chooses_the_weight_on_selection_manifests(members, tmp_path, capsys):
+    """--choose-on scores every grid weight on sets neither member trained on, keeps the best mean mAP,
+    and records the choice in the card."""
+    root, a, b = members
+    selection = write_image_manifest(tmp_path / "sel", patients=5, per=2, offset=12)
+    out = tmp_path / "c" / "chest_xr"
+    assert main(["fuse", "--route", "chest_xr", "--member", str(a), "--member", str(b),
+                 "--choose-on", str(selection), "--grid", "0.25", "0.5", "0.75", "--threads", "1",
+                 "--out", str(out)]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("w ")]
+    scores = {float(row[1]): float(row[4]) for row in table}
+    assert sorted(scores) == [0.25, 0.5, 0.75]
+    best = max(scores, key=scores.get)
+    card = json.loads((out / "card.json").read_text())
+    chosen = card["training"]["weights_chosen"]
+    assert chosen["weight_of_second_member"] == best and chosen["manifests"] == [str(selection)]
+    assert [m["weight"] for m in card["arch"]["fusion"]] == pytest.approx([1 - best, best])
+    assert main(["fuse", "--route", "chest_xr", "--member", str(a), "--member", str(b), "--weight", "1",
+                 "--choose-on", str(selection), "--out", str(tmp_path / "both")]) == 2

@@ -1,12 +1,11 @@
-"""Hard-negative batches (models.hard_batches): look-alike persons share a batch, every person is
+"""Hard-negative batches (models.training.hard_batches): look-alike persons share a batch, every person is
 used each pass, probable duplicates are not made negatives, and training runs with them."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from models import hard_batches as H
-from models import training
+from models.training import hard_batches as H, train as training
 
 
 def _look_alike_pairs(n_pairs: int, per_class: int, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ def scored(run) -> dict:
 
 def test_checked_series_keep_their_image_features_on_disk(run):
     """Linkage checked dermoscopy and chest X-ray pairs and kept each compared series' features, so a
-    restart does not read and describe those images again (models/verification_files.py)."""
+    restart does not read and describe those images again (models/inference/verification_files.py)."""
     kept = list((run[1] / "linkage-index" / "check-features").rglob("*.npz"))
     assert len(kept) >= 10, kept
 

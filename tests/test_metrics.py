@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from models import metrics as M
-from models.calibration import Calibration, fit_calibration, reliability
+from models.evaluation import metrics as M
+from models.inference.calibration import Calibration, fit_calibration, reliability
 
 
 def clustered(patients: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):

@@ -19,8 +19,8 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from models.errors import SeriesError
-from models.loading import load_series
+from models.inference.errors import SeriesError
+from models.inference.loading import load_series
 from tests.helpers import TEST_FILES
 
 SYNTH_ROUTES = {"cxr": "chest_xr", "ct": "chest_ct", "mr": "brain_mr", "fundus": "fundus", "derm": "dermoscopy"}
@@ -28,7 +28,7 @@ SYNTH_ROUTES = {"cxr": "chest_xr", "ct": "chest_ct", "mr": "brain_mr", "fundus":
 
 def make_cohort(out: Path, patients: int = 2, seed: int = 1) -> list[dict]:
     """A small synthetic cohort (the synth CLI); one dict per series with its expected route."""
-    subprocess.run([sys.executable, "-m", "dicom_node.synth.cli", "synth", "--out", str(out), "--patients",
+    subprocess.run([sys.executable, "-m", "synth.cli", "synth", "--out", str(out), "--patients",
                     str(patients), "--visits", "1", "--preset", "small", "--seed", str(seed), "--quiet"],
                    check=True)
     truth = json.loads((out / "truth.json").read_text())

@@ -12,9 +12,9 @@ import torch
 
 from db.records import SeriesWork
 from dicom_node.config import PipelineSettings
-from models.errors import SeriesError
-from models.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, seeded, sha256_file, spec_dict
-from models.pipeline import SeriesPipeline
+from models.inference.errors import SeriesError
+from models.inference.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, seeded, sha256_file, spec_dict
+from models.inference.pipeline import SeriesPipeline
 from tests.helpers import TEST_FILES
 from tests.test_models_loading import first, make_cohort
 
@@ -186,7 +186,7 @@ def test_series_that_are_not_anatomy_are_stored_but_not_embedded(pipeline, cohor
 
 
 def test_the_anatomy_gate_on_its_own():
-    from models.anatomy_gate import series_problem
+    from models.inference.anatomy_gate import series_problem
     rng = np.random.default_rng(1)
     smooth = np.cumsum(np.cumsum(rng.normal(size=(1, 256, 256)), 1), 2).astype(np.float32)   # structured
     assert series_problem("gray", [smooth]) is None

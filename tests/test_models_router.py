@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.loading import load_series
-from models.networks import sha256_file
-from models.router import Router, header_rule
-from models.transforms import ROUTES, router_thumbnail
+from models.inference.loading import load_series
+from models.inference.networks import sha256_file
+from models.inference.router import Router, header_rule
+from models.inference.transforms import ROUTES, router_thumbnail
 from tests.helpers import TEST_FILES
 from tests.test_models_loading import first, make_cohort
 

@@ -7,18 +7,9 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from models.loading import load_series
-from models.transforms import (
-    CLAHE,
-    ENHANCEMENTS,
-    ROUTE_INPUTS,
-    ROUTE_TRANSFORMS,
-    OrientRAS,
-    ResampleToSpacing,
-    build_route_transforms,
-    clahe_2d,
-    router_thumbnail,
-)
+from models.inference.loading import load_series
+from models.inference.transforms import (CLAHE, ENHANCEMENTS, ROUTE_INPUTS, ROUTE_TRANSFORMS, OrientRAS,
+                                         ResampleToSpacing, build_route_transforms, clahe_2d, router_thumbnail)
 from tests.test_models_loading import make_cohort
 
 

@@ -26,8 +26,8 @@ from db.records import RouteDecision
 from db.store import IdentityStore, utcnow
 from dicom_node.config import PipelineSettings, settings_from_dict
 from dicom_node.worker import RetryPolicy, Worker
-from models.errors import SeriesError
-from models.loading import load_series
+from models.inference.errors import SeriesError
+from models.inference.loading import load_series
 from tests.helpers import TEST_FILES, node_config
 from tests.test_store import received
 
@@ -233,7 +233,7 @@ def test_unexpected_errors_are_retried_but_panics_are_not(store, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from models.pipeline import SeriesPipeline
+    from models.inference.pipeline import SeriesPipeline
     return SeriesPipeline(PipelineSettings(device="cpu"), WEIGHTS)
 
 

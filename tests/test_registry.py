@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.networks import TEST_TIME_VIEWS, load_identity_model, sha256_file
+from models.inference.networks import TEST_TIME_VIEWS, load_identity_model, sha256_file
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights"
 ROUTES = ("chest_xr", "chest_ct", "brain_mr", "fundus", "dermoscopy")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dicom_node.cli import main
-from models.networks import load_identity_model, sha256_file
+from models.inference.networks import load_identity_model, sha256_file
 from tests.helpers import write_image_manifest
 
 TRAIN = ["train", "--route", "chest_xr", "--synthetic", "12", "--size", "64", "--batch-size", "12",
@@ -93,7 +93,7 @@ def test_init_fine_tunes_from_a_weights_folder(trained, tmp_path, capsys):
 
 def test_fine_tuning_keeps_the_starting_models_validation_patients(trained, tmp_path):
     """A fresh random split would score the fine-tuned model on persons its starting model trained on."""
-    from models.training import split_patients
+    from models.datasets.patients import split_patients
     first = json.loads((trained / "card.json").read_text())
     labels = [f"synth-0-{p}" for p in range(12) for _ in range(3)]
     _, _, fresh_split = split_patients(labels, 0.5, 0)
@@ -118,7 +118,7 @@ def test_evaluate_cli_writes_json_and_plots(trained, tmp_path, capsys):
     assert main(["evaluate", "--route", "chest_xr", "--manifest", str(manifest), "--weights-dir", str(weights),
                  "--out", str(report_dir), "--json", str(json_path)]) == 0
     report = json.loads(json_path.read_text())
-    assert set(report["results"]) == {"model", "pixel-cosine", "frozen-lite0"}      # models/frozen_baseline.py
+    assert set(report["results"]) == {"model", "pixel-cosine", "frozen-lite0"}      # models/evaluation/frozen_baseline.py
     m = report["results"]["model"]
     assert m["images"] == 18 and m["patients"] == 6 and m["gallery_size"] == 17
     for key in ("rank1", "rank5", "mAP", "roc_auc", "eer", "tar_at_far_1e-3"):
@@ -166,7 +166,7 @@ def test_evaluate_scores_cosine_plus_the_verification_bonus_when_the_card_asks(t
 def test_evaluate_chooses_the_check_weights_on_the_pairs_and_the_card_says_so(trained, tmp_path, capsys):
     """--choose-check-weights: the grid's best mAP on these pairs is scored, and with --update-card written
     into the card's verification block, with where it was chosen and the metrics flagged as optimistic."""
-    from models.evaluate import CHECK_WEIGHT_GRID
+    from models.evaluation.evaluate import CHECK_WEIGHT_GRID
     manifest = write_image_manifest(tmp_path / "set")
     weights = tmp_path / "weights"
     shutil.copytree(trained, weights / "chest_xr", ignore=shutil.ignore_patterns("checkpoint.pt"))
@@ -207,7 +207,7 @@ def test_evaluate_from_db_stored_embeddings(tmp_path):
     from db.migrate import upgrade
     from db.models import Embedding, Patient, Series, Study
     from db.store import utcnow
-    from models import evaluate as E
+    from models.evaluation import evaluate as E, report as R
 
     url = f"sqlite:///{tmp_path / 'node.db'}"
     engine = make_engine(url)
@@ -235,13 +235,13 @@ def test_evaluate_from_db_stored_embeddings(tmp_path):
     engine.dispose()
     report = E.evaluate_db("chest_xr", url, tmp_path / "no-weights")
     assert report["model"] == {"name": "m", "version": "v1"} and "most common" in report["source"]["selection"]
-    clean = E.write_report(report, tmp_path / "db-report")
+    clean = R.write_report(report, tmp_path / "db-report")
     assert clean["results"]["model"]["rank1"] == 1.0 and clean["results"]["model"]["patients"] == 4
     assert (tmp_path / "db-report" / "roc.png").exists()
 
 
 def test_triplet_loss_and_noisy_labels(tmp_path, monkeypatch):
-    from models import training
+    from models.training import train as training
 
     real = training.synthetic_patients
 
@@ -259,7 +259,7 @@ def test_triplet_loss_and_noisy_labels(tmp_path, monkeypatch):
 
 
 def test_synth_manifest_first_series_keeps_one_series_per_study(tmp_path):
-    from models.synth_manifest import main as synth_manifest
+    from models.datasets.synth_manifest import main as synth_manifest
     studies = [{"modality": "mr", "person_id": f"P{p}", "visit": v,
                 "series": [{"number": 2, "path": f"P{p}/v{v}/flair"}, {"number": 1, "path": f"P{p}/v{v}/t1"}]}
                for p in range(2) for v in range(2)]
@@ -274,7 +274,7 @@ def test_synth_manifest_first_series_keeps_one_series_per_study(tmp_path):
 
 def _dermoscopy_weights(folder, card_extra: dict):
     """A dermoscopy weights folder (seeded random network) whose card adds `card_extra`."""
-    from models.networks import DEFAULT_SPECS, EmbeddingNet, seeded, spec_dict
+    from models.inference.networks import DEFAULT_SPECS, EmbeddingNet, seeded, spec_dict
     route_dir = folder / "dermoscopy"
     route_dir.mkdir(parents=True)
     spec = DEFAULT_SPECS["dermoscopy"]
@@ -302,7 +302,7 @@ def test_dihedral_test_time_views_make_embeddings_orientation_free(tmp_path):
 @pytest.mark.parametrize("views_name, move", [("shifts", 2), ("shifts:4", 4)])
 @pytest.mark.parametrize("shape", [(2, 1, 12, 10), (2, 1, 8, 9, 10)])
 def test_shift_views_are_the_input_and_its_moves_along_each_axis(shape, views_name, move):
-    from models.networks import TEST_TIME_VIEWS
+    from models.inference.networks import TEST_TIME_VIEWS
     x = torch.rand(shape) + 0.5                       # no zeros of its own: every zero below was uncovered
     views = TEST_TIME_VIEWS[views_name](x)
     spatial = len(shape) - 2
@@ -317,7 +317,7 @@ def test_shift_views_are_the_input_and_its_moves_along_each_axis(shape, views_na
 
 
 def test_shift_views_average_a_volume_models_embedding(tmp_path):
-    from models.networks import DEFAULT_SPECS, EmbeddingNet, TEST_TIME_VIEWS, seeded, spec_dict
+    from models.inference.networks import DEFAULT_SPECS, TEST_TIME_VIEWS, EmbeddingNet, seeded, spec_dict
     spec = DEFAULT_SPECS["chest_ct"]
     for name, extra in (("plain", {}), ("shifts", {"test_time_views": "shifts"})):
         (tmp_path / name / "chest_ct").mkdir(parents=True)
@@ -335,7 +335,7 @@ def test_shift_views_average_a_volume_models_embedding(tmp_path):
 
 
 def test_unknown_test_time_views_refused_at_load(tmp_path):
-    from models.networks import WeightsError
+    from models.inference.networks import WeightsError
     folder = _dermoscopy_weights(tmp_path, {"test_time_views": "kaleidoscope"})
     with pytest.raises(WeightsError, match="kaleidoscope"):
         load_identity_model("dermoscopy", folder, torch.device("cpu"))
@@ -376,14 +376,14 @@ def test_a_run_that_finishes_its_epochs_says_so_even_past_its_budget(tmp_path):
 
 @pytest.mark.parametrize("views", ["dihedral", "scales", "dihedral+scales"])
 def test_2d_views_refuse_volumes(views):
-    from models.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, embed_views, seeded
+    from models.inference.networks import DEFAULT_SPECS, EmbeddingNet, WeightsError, embed_views, seeded
     net = seeded(lambda: EmbeddingNet(DEFAULT_SPECS["chest_ct"]), 0).eval()
     with pytest.raises(WeightsError, match="2D"):
         embed_views(net, torch.rand(1, 1, 16, 16, 8), views)
 
 
 def test_scale_views_are_the_image_at_three_sizes_and_average_the_embedding(tmp_path):
-    from models.networks import TEST_TIME_VIEWS
+    from models.inference.networks import TEST_TIME_VIEWS
     x = torch.zeros(2, 3, 28, 28)
     x[:, :, 7:21, 7:21] = 1.0                            # a centred square, half the image wide
     same, smaller, larger = TEST_TIME_VIEWS["scales"](x)
@@ -411,7 +411,8 @@ def test_scale_views_are_the_image_at_three_sizes_and_average_the_embedding(tmp_
 def test_fine_tuning_a_proxy_loss_starts_each_persons_proxies_at_their_mean_embedding():
     """With --init, ArcFace / CosFace proxies start where the trained network puts each person."""
     from pytorch_metric_learning import losses
-    from models.losses import init_proxies
+
+    from models.training.losses import init_proxies
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((10, 16))
     labels = np.repeat(np.arange(10), 3)

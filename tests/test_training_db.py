@@ -18,9 +18,9 @@ import torch
 from db.records import SeriesWork
 from dicom_node.cli import main
 from dicom_node.config import PipelineSettings
-from models.networks import DEFAULT_SPECS, EmbeddingNet, seeded, sha256_file, spec_dict
-from models.pipeline import SeriesPipeline
-from models.transforms import ROUTE_INPUTS, ROUTE_TRANSFORMS, route_chain, route_geometry
+from models.inference.networks import DEFAULT_SPECS, EmbeddingNet, seeded, sha256_file, spec_dict
+from models.inference.pipeline import SeriesPipeline
+from models.inference.transforms import ROUTE_INPUTS, ROUTE_TRANSFORMS, route_chain, route_geometry
 from tests.helpers import node_config, write_toml
 
 ROUTER = Path(__file__).resolve().parents[1] / "models" / "weights" / "router"
@@ -122,7 +122,7 @@ def test_from_db_trains_3d_and_2d_and_the_pipeline_uses_the_card_geometry(archiv
 
 
 def test_manifest_of_dicom_series_trains_and_evaluates_a_volume_route(archive, tmp_path):
-    from models.synth_manifest import main as synth_manifest
+    from models.datasets.synth_manifest import main as synth_manifest
     _, root = archive
     manifest = tmp_path / "ct.csv"
     assert synth_manifest([str(root / "cohort"), "--modality", "ct", "--out", str(manifest)]) == 0
@@ -158,10 +158,9 @@ def test_card_geometry_in_the_pipeline_for_2d(tmp_path):
 
 def test_worker_processes_load_the_same_examples_as_one(archive, tmp_path):
     from dicom_node.config import load_settings
-    from models.db_data import load_examples, load_manifest_examples
-    from models.errors import SeriesError
-    from models.evaluate import read_manifest
-    from models.synth_manifest import main as synth_manifest
+    from models.datasets.examples import load_examples, load_manifest_examples, read_manifest
+    from models.datasets.synth_manifest import main as synth_manifest
+    from models.inference.errors import SeriesError
     config, root = archive
     settings = load_settings(config)
     geometry = {"shape": [16, 16, 8], "spacing": [24.0, 24.0, 40.0]}
@@ -240,7 +239,7 @@ def test_adapt_from_db_uses_the_archive_series_and_the_pipeline_loads_it(archive
 def test_evaluate_from_db_checks_image_pairs_when_the_card_asks_and_refits_both_calibrations(archive, tmp_path):
     """A card with a `verification` block is calibrated on cosine + check: `evaluate --from-db` reads the
     stored series' images to check every pair, so a site can refit that calibration on its own archive."""
-    from models.evaluate import VERIFIED_SCORE
+    from models.evaluation.evaluate import VERIFIED_SCORE
     config, _ = archive
     run = tmp_path / "fundus"
     assert _train(config, run, "fundus", "--size", "32") == 0

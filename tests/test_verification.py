@@ -1,4 +1,4 @@
-"""Geometric verification (models.verification): the same anatomy moved is recognised, other anatomy is not,
+"""Geometric verification (models.inference.verification): the same anatomy moved is recognised, other anatomy is not,
 and the node's linkage reads it off the stored series."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.verification import (ImageFeatures, SeriesVerifier, VerificationSettings, match, pairwise_bonus,
-                                 prepare, series_bonus)
+from models.inference.verification import (ImageFeatures, SeriesVerifier, VerificationSettings, match, pairwise_bonus,
+                                           prepare, series_bonus)
 
 S = VerificationSettings(size=256, features=500)
 
@@ -116,7 +116,7 @@ def test_bonus_from_matches_equals_series_bonus_for_any_weights():
     series of one or two images and a series without images included."""
     from dataclasses import replace
 
-    from models.verification import bonus_from_matches, pairwise_matches
+    from models.inference.verification import bonus_from_matches, pairwise_matches
     series = [[prepare(anatomy(60), S), prepare(anatomy(61), S)], [prepare(moved(anatomy(60)), S)],
               [prepare(anatomy(62), S)], []]
     matches = pairwise_matches(series, S, workers=1)
@@ -224,7 +224,7 @@ def test_check_image_pairs_off_builds_no_verifier(tmp_path):
     cosine calibration is at hand for the unchecked pairs."""
     from dicom_node.config import settings_from_dict
     from linkage.engine import LinkageEngine
-    from models.calibration import Calibration
+    from models.inference.calibration import Calibration
     weights = tmp_path / "weights" / "chest_xr"
     weights.mkdir(parents=True)
     (weights / "card.json").write_text(json.dumps({
@@ -250,7 +250,7 @@ def engine_folder(engine):
 
 
 def test_ecc_refinement_moves_a_slightly_wrong_fit_onto_the_true_one():
-    from models.verification import _cv2, _refined, complete, describe
+    from models.inference.verification import _cv2, _refined, complete, describe
     a = anatomy(9)
     h, w = a.shape
     true = np.float32([[1, 0, 6], [0, 1, -4]])

@@ -1,4 +1,4 @@
-"""Verification features kept on disk (models.verification_files): read back exactly, used after a
+"""Verification features kept on disk (models.inference.verification_files): read back exactly, used after a
 restart instead of the images, made again when the series' files change or the file is damaged,
 never written into the storage reserve."""
 
@@ -10,8 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from models.verification import SeriesVerifier, describe, complete, match, prepare
-from models.verification_files import FeatureFolder, settings_tag
+from models.inference.verification import SeriesVerifier, complete, describe, match, prepare
+from models.inference.verification_files import FeatureFolder, settings_tag
 from tests.test_verification import S, anatomy, moved
 
 KEY = ("chest_xr", "net", "1")
@@ -77,7 +77,7 @@ def test_a_damaged_file_is_made_again_with_a_warning(tmp_path, caplog):
     expected = SeriesVerifier({KEY: S}, images, folder=folder, fingerprint=fingerprint).bonus(KEY, 1, 2)
     folder.path(1, S).write_bytes(b"PK\x03\x04 not a whole archive")
     images.reads.clear()
-    with caplog.at_level(logging.WARNING, logger="models.verification"):
+    with caplog.at_level(logging.WARNING, logger="models.inference.verification"):
         again = SeriesVerifier({KEY: S}, images, folder=folder, fingerprint=fingerprint).bonus(KEY, 1, 2)
     assert again == expected and images.reads == [1]
     assert "unreadable" in caplog.text and folder.load(1, S, "1") is not None     # rewritten whole

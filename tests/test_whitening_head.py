@@ -1,6 +1,6 @@
-"""`train --head whitening` (models/whitening.py): the frozen ImageNet backbone's pooled features whitened
+"""`train --head whitening` (models/training/whitening.py): the frozen ImageNet backbone's pooled features whitened
 by the within-person covariance of the training persons, stored as the network's linear head; and
-models/manifest_split.py, which makes the identity-disjoint train / select / test manifests it is chosen on."""
+models/datasets/manifest_split.py, which makes the identity-disjoint train / select / test manifests it is chosen on."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dicom_node.cli import main
-from models.db_data import as_float
-from models.manifest_split import split_manifest
-from models.networks import load_identity_model
-from models.whitening import apply_whitening, within_person_whitening
+from models.datasets.examples import as_float
+from models.datasets.manifest_split import split_manifest
+from models.inference.networks import load_identity_model
+from models.training.whitening import apply_whitening, within_person_whitening
 from tests.helpers import write_image_manifest
 
 LITE0 = "imagenet:efficientnet-lite0"
@@ -40,9 +40,8 @@ def test_the_head_is_the_whitening_of_the_training_persons_features(whitened):
     assert card["training"]["epochs_run"] == 0 and card["name"] == "chest_xr-efficientnet-lite0-gem-d16"
     model = load_identity_model("chest_xr", out.parent, torch.device("cpu"))
     # refit by hand on the persons the card says trained (all but its validation persons), at its input size
-    from models.db_data import load_manifest_examples
-    from models.evaluate import read_manifest
-    from models.transforms import route_geometry
+    from models.datasets.examples import load_manifest_examples, read_manifest
+    from models.inference.transforms import route_geometry
     rows = [r for r in read_manifest(whitened[0]) if r[1] not in set(card["validation_patients"])]
     ex = load_manifest_examples(rows, "chest_xr", route_geometry("chest_xr", {"size": 64}))
     assert head["images"] == len(ex.images) and head["persons"] == len(set(ex.labels))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from web import services
 from web.auth import CurrentUser, LoginRefused, admin, any_user, csrf_token, log_in, log_out, reviewer
 from web.errors import RowId, errors
+from web.templating import render
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -141,7 +142,6 @@ def openapi(request: Request, user: CurrentUser = Depends(any_user)):
 
 @router.get("/docs", include_in_schema=False)
 def docs(request: Request, user: CurrentUser = Depends(any_user)):
-    from web.app import render
 
     schema = request.app.openapi()
     operations = [{"method": method.upper(), "path": path, "summary": op.get("summary", ""),

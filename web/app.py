@@ -13,30 +13,22 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
-from dicom_node import __version__
 from dicom_node.config import Settings
-from web.auth import LoginRequired, SessionGuard, csrf_guard, csrf_token
+from web.auth import LoginRequired, SessionGuard, csrf_guard
 from web.errors import validation_detail
 from web.services import WebContext
+from web.templating import __version__, render
 
 log = logging.getLogger("dicom_node.web")
 HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=str(HERE / "templates"))
-templates.env.globals["version"] = __version__
 
 # No inline scripts or styles anywhere: every script and stylesheet is a file under /static.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-
-
-def render(request: Request, template: str, user=None, status_code: int = 200, **context) -> Response:
-    context.update(user=user, csrf_token=csrf_token(request), path=request.url.path)
-    return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
 def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:

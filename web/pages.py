@@ -7,10 +7,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 
+from web import services
 from web.auth import CurrentUser, LoginRefused, admin, any_user, log_in, log_out, reviewer
 from web.errors import RowId
 from web.services import Conflict, NotFound
-from web import services
+from web.templating import render
 
 router = APIRouter(include_in_schema=False)
 
@@ -20,7 +21,6 @@ def _ctx(request: Request):
 
 
 def _render(request, template, user, status_code=200, **context):
-    from web.app import render
 
     return render(request, template, user, status_code=status_code, **context)
 

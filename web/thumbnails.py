@@ -21,7 +21,7 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from models.errors import FATAL
+from models.inference.errors import FATAL
 
 SIZE = 256
 

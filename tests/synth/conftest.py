@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.synth.cli import main as synth_main
+from synth.cli import main as synth_main
 
 SMALL = ["--patients", "8", "--visits", "2", "--seed", "11", "--preset", "small",
          "--error-rate", "0.3", "--twin-rate", "0.3", "--sites", "3"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dicom_node.synth.cli import add_subcommands, main
+from synth.cli import add_subcommands, main
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -55,7 +55,7 @@ def test_bad_arguments_exit_nonzero_with_message(tmp_path, capsys):
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dicom_node.synth.cli", "synth", "--out", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "synth.cli", "synth", "--out", str(tmp_path / "o"),
                         "--error-rate", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "error-rate" in r.stderr

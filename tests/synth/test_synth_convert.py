@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.synth.cli import main
+from synth.cli import main
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -77,7 +77,7 @@ def test_convert_secondary_capture_keeps_colour_and_is_deterministic(image_set, 
 
 
 def _run(args):
-    return subprocess.run([sys.executable, "-m", "dicom_node.synth.cli", "convert", *args],
+    return subprocess.run([sys.executable, "-m", "synth.cli", "convert", *args],
                           capture_output=True, text=True, timeout=120)
 
 

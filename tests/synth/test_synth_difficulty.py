@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicom_node.synth import ct, cxr, derm, fundus, mr
-from dicom_node.synth.baseline import evaluate
-from dicom_node.synth.persons import make_persons, person_draw
+from synth import ct, cxr, derm, fundus, mr
+from synth.baseline import evaluate
+from synth.persons import make_persons, person_draw
 
 MODS = {"cxr", "ct", "mr", "fundus", "derm"}
 
@@ -77,7 +77,7 @@ def test_siblings_are_hard_negatives():
 
 
 def test_learncheck_runs_and_reports_both_scores(small_cohort):
-    from dicom_node.synth.learncheck import run
+    from synth.learncheck import run
     res = run(small_cohort, modality="derm", size=32, epochs=1, train_fraction=0.5, log=None)
     assert res["train_persons"] == 4 and res["test_persons"] == 4 and res["test_units"] == 8
     assert 0.0 <= res["rank1_network"] <= 1.0 and 0.0 <= res["rank1_raw_pixels"] <= 1.0

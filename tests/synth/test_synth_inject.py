@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.synth.cli import main
-from dicom_node.synth.inject import MISFILED, SAME, InjectError, inject_errors
+from synth.cli import main
+from synth.inject import MISFILED, SAME, InjectError, inject_errors
 
 
 def rows_of(patients: int, images: int) -> list[dict]:

@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.synth.common import rng_for
-from dicom_node.synth.errors import inject_errors
-from dicom_node.synth.persons import Person, registered_demographics, strip_diacritics
-from dicom_node.synth.plan import SynthConfig, build_plan
+from synth.common import rng_for
+from synth.errors import inject_errors
+from synth.persons import Person, registered_demographics, strip_diacritics
+from synth.plan import SynthConfig, build_plan
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_headers_carry_what_truth_says_was_sent(truth, headers):
 
 def test_error_free_studies_carry_the_persons_home_id(truth):
     persons = {p["person_id"]: p for p in truth["persons"]}
-    from dicom_node.synth.persons import SITE_ISSUERS
+    from synth.persons import SITE_ISSUERS
     clean = [st for st in truth["studies"] if not st["error_ids"]]
     assert clean
     for st in clean:
@@ -68,7 +68,7 @@ def test_error_free_studies_carry_the_persons_home_id(truth):
 def test_every_injected_error_is_visible_in_headers(truth, headers):
     persons = {p["person_id"]: p for p in truth["persons"]}
     studies = {st["study_uid"]: st for st in truth["studies"]}
-    from dicom_node.synth.persons import SITE_ISSUERS
+    from synth.persons import SITE_ISSUERS
     kinds = Counter(e["kind"] for e in truth["errors"])
     assert kinds["same_patient_different_id"] >= 1 and kinds["different_patient_same_id"] >= 1
     assert set(kinds) == {"same_patient_different_id", "different_patient_same_id"}
