@@ -56,19 +56,21 @@ def cli(*args: str, ok: tuple[int, ...] = (0,)) -> str:
     return done.stdout
 
 
-def run_seed(seed: int, weights: Path, work: Path, real: argparse.Namespace | None = None) -> dict:
+def run_seed(seed: int, weights: Path, work: Path, real: argparse.Namespace | None = None,
+             linkage: dict | None = None) -> dict:
     cohort = work / "cohort"
     config = work / "node.toml"
     if real is None:
         cli("synth", "--out", str(cohort), "--seed", str(seed), "--quiet")
-        config.write_text(CONFIG.format(work=work, weights=weights))
+        config.write_text(CONFIG.format(work=work, weights=weights)
+                          + "[linkage]\n" + "".join(f"{k} = {v!r}\n" for k, v in (linkage or {}).items()))
         cli("--config", str(config), "import", str(cohort), ok=(0, 1))    # 1: truth.json is not DICOM
     else:
         extra = ["--patients-from", str(real.patients_from.resolve())] if real.patients_from else []
         cli("convert", "--manifest", str(real.real.resolve()), "--out", str(cohort), "--second-ids",
             str(real.second_ids), "--misfiled", str(real.misfiled), "--error-seed", str(seed),
             "--skip-duplicates", "--quiet", *extra)
-        send_with_storescu(cohort, work, config, weights)
+        send_with_storescu(cohort, work, config, weights, linkage)
     cli("--config", str(config), "process", "--until-idle", "--stable-now")
     links = json.loads(cli("--config", str(config), "links", "--format", "json"))
     worth = json.loads(cli("--config", str(config), "links", "--status", "worth-a-look", "--format", "json"))
@@ -83,11 +85,11 @@ def run_seed(seed: int, weights: Path, work: Path, real: argparse.Namespace | No
     return result
 
 
-def send_with_storescu(cohort: Path, work: Path, config_path: Path, weights: Path) -> None:
+def send_with_storescu(cohort: Path, work: Path, config_path: Path, weights: Path, linkage: dict | None) -> None:
     """The real stream arrives as a department sends it: DCMTK storescu to a running node."""
     from tests.helpers import RunningNode, node_config, write_toml     # one way to run a node
 
-    config = node_config(work, pipeline={"enabled": False, "weights_dir": str(weights)})
+    config = node_config(work, pipeline={"enabled": False, "weights_dir": str(weights)}, linkage=linkage or {})
     node = RunningNode(write_toml(config_path, config), config).start()
     try:
         sent = subprocess.run(["storescu", "+sd", "+r", "+sp", "*.dcm", "-R", "-aec", "LINKNODE", "127.0.0.1",
@@ -119,11 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--misfiled", type=int, default=8, help="with --real: misfiled studies injected per seed")
     p.add_argument("--patients-from", type=Path, help="with --real: only these patients (a card.json's "
                                                         "validation_patients, or one ID per line)")
+    p.add_argument("--linkage", nargs="+", default=[], metavar="KEY=NUMBER",
+                   help="[linkage] settings for the node, e.g. study_dependence=0.5 (default: node.toml's defaults)")
     args = p.parse_args(argv)
+    linkage = {}
+    for item in args.linkage:
+        key, _, value = item.partition("=")
+        linkage[key] = float(value)
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"linkacc-{seed}-") as tmp:
-            result = run_seed(seed, args.weights_dir.resolve(), Path(tmp), args if args.real else None)
+            result = run_seed(seed, args.weights_dir.resolve(), Path(tmp), args if args.real else None, linkage)
         at = ", ".join(f"P@{k} {_fmt(v['precision'])} (of {v['n']})" for k, v in result["precision_at"].items())
         print(f"--- seed {seed}\n{format_report(result)}\nranked queue: {result['queue']['links']} links holding "
               f"{result['queue']['found']} errors; {at}", flush=True)

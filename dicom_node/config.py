@@ -132,6 +132,10 @@ class LinkageSettings(_Section):
     # list (`links --status worth-a-look`, the web queue's second tab), never counted as flags.
     # 0 switches the list off.
     worth_a_look_probability: float = Field(0.05, ge=0, lt=1)
+    # A study against its ID's other studies: how strongly two of those comparisons correlate.
+    # 1: the median over them (one comparison's worth); below 1 they add up, m studies counting as
+    # m / (1 + (m - 1) x study_dependence) independent ones (linkage.decide.study_set_evidence).
+    study_dependence: float = Field(0.1, ge=0, le=1)
     # Where the candidate index is saved between runs (relative to storage.dir).
     index_dir: Path = Path("linkage-index")
     # Check compared image pairs geometrically for the models whose card asks for it

@@ -16,7 +16,11 @@ away outweighs that bound (linkage.evidence). A route whose model has no calibra
 untrained network) contributes nothing, and the evidence says so.
 
 Same person under two IDs: `decide_same`. A study filed under the wrong ID: `decide_misfiled`
-for one study, `decide_studies_of_patient` for all of an ID's studies at once.
+for one study, `decide_studies_of_patient` for all of an ID's studies at once; there the other
+studies' evidence may add up (`study_set_evidence`, `study_dependence` below 1): a misfiled study
+is compared with a random other person, for whom the pair calibration (fitted on random
+impostors) holds, whereas two IDs are compared because the index found them alike, so their
+pairs keep the median.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Thresholds:
     further_route_factor: float = 0.5
     max_image_total: float = 16.0
     worth_a_look: float = 0.05
+    study_dependence: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,38 @@ def image_evidence(pairs: list[ImagePair], t: Thresholds) -> tuple[float, dict]:
     return combine_routes(route_weights, t), per_route
 
 
+def effective_studies(count: int, dependence: float) -> float:
+    """How many independent comparisons `count` comparisons with one person's studies are worth when
+    any two of them correlate by `dependence` (the design effect of equicorrelated evidence):
+    count / (1 + (count - 1) * dependence). 1 at dependence 1, count at 0."""
+    return count / (1 + (count - 1) * dependence) if count else 0.0
+
+
+def study_set_evidence(pairs: list[ImagePair], t: Thresholds) -> tuple[float, dict]:
+    """A study against all of an ID's other studies: per route, each other study's median clipped
+    llr (over its series), their mean times `effective_studies` (Thresholds.study_dependence), so
+    that several studies that all say "someone else" weigh more than one; combined as
+    `image_evidence` combines routes. At dependence 1 (the default) this is `image_evidence`."""
+    weight, per_route = image_evidence(pairs, t)
+    if t.study_dependence >= 1:
+        return weight, per_route
+    clip = t.max_image_llr
+    route_weights = []
+    for route, entry in per_route.items():
+        by_study: dict[int, list[float]] = {}
+        for p in pairs:
+            if p.route == route and p.llr is not None:
+                by_study.setdefault(p.b_study_pk, []).append(max(-clip, min(clip, p.llr)))
+        if not by_study:
+            continue
+        per_study = [statistics.median(v) for v in by_study.values()]
+        factor = effective_studies(len(per_study), t.study_dependence)
+        entry.update(weight=round(statistics.fmean(per_study) * factor, 3), studies=len(per_study),
+                     effective_studies=round(factor, 3))
+        route_weights.append(statistics.fmean(per_study) * factor)
+    return combine_routes(route_weights, t), per_route
+
+
 def combine_routes(weights: list[float], t: Thresholds) -> float:
     """Routes by falling |weight|, the k-th (from 0) times further_route_factor ** k; the sum
     bounded to +-max_image_total."""
@@ -161,7 +198,7 @@ def decide_misfiled(suspect: StudyFacts, others: list[StudyFacts], pairs: list[I
     studies; `pairs`: the suspect's series against theirs (a = suspect). None without others."""
     if not others:
         return None
-    image_weight, image = image_evidence(pairs, t)
+    image_weight, image = study_set_evidence(pairs, t)
     scored = []
     for other in others:
         w, fields = weights.score(compare(demographics(other), demographics(suspect), "belongs"), "belongs")

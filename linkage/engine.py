@@ -122,7 +122,7 @@ class LinkageEngine:
         cfg = settings.linkage
         thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
                                   cfg.prior_misfiled, cfg.max_image_llr, cfg.further_route_factor,
-                                  cfg.max_image_total, cfg.worth_a_look_probability)
+                                  cfg.max_image_total, cfg.worth_a_look_probability, cfg.study_dependence)
         cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
         verification = load_verification_settings(cards)
         index_dir = settings.storage_dir / cfg.index_dir

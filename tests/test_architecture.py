@@ -79,3 +79,28 @@ def test_readme_layout_table_matches_the_tree():
     tops = {p.name + "/" for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()} - {"tests/"}
     missing = {top for top in tops if not any(path.startswith(top) for path in named)}
     assert not missing, f"top-level packages not in the README's layout table: {sorted(missing)}"
+
+
+DOCUMENTS = ["README.md", "models/weights/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+def _documented(pattern: str) -> set[str]:
+    return {m for doc in DOCUMENTS for m in re.findall(pattern, (ROOT / doc).read_text(encoding="utf-8"))}
+
+
+def test_documented_commands_exist():
+    """Every `dicom-node SUBCOMMAND`, `python -m MODULE` and `benchmarks/SCRIPT.py` the documents name is there."""
+    from dicom_node.cli import build_parser
+    parser = build_parser()
+    subcommands = set(next(a for a in parser._actions if a.dest == "command").choices)  # noqa: SLF001 - argparse has no public list
+    named = _documented(r"\bdicom-node ([a-z][a-z-]+)")
+    assert named and not named - subcommands, f"documented but not a subcommand: {sorted(named - subcommands)}"
+    for script in _documented(r"\bbenchmarks/(\w+\.py)\b"):
+        assert (ROOT / "benchmarks" / script).is_file(), f"documents name benchmarks/{script}, which does not exist"
+
+
+@pytest.mark.parametrize("module", sorted(_documented(r"\bpython -m ([a-z_]+(?:\.[a-z_]+)+)") - {"pytest"}))
+def test_documented_python_modules_answer_help(module):
+    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "usage" in run.stdout.lower(), f"python -m {module} --help: {run.stderr[-1500:]}"

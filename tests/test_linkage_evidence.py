@@ -193,13 +193,14 @@ def test_a_stray_does_not_get_its_owners_studies_flagged():
 
 
 def test_the_likeliest_stray_is_chosen_beyond_the_clip():
-    # 1 and 9 both hit the clip; 9 is further from the others, so 9 is left out, and 1 then fits
+    # 1 and 9 both hit the bound; 9 is further from the others, so 9 is left out, and 1 then fits
     studies = {pk: facts(pk, date=f"20{10 + pk}0101") for pk in (1, 2, 3, 9)}
     pairs = _pairs_between({(1, 2): -13.0, (1, 3): -13.0, (2, 3): 9.0, (1, 9): -40.0, (2, 9): -40.0,
                             (3, 9): -40.0})
     first = {pk: D.decide_misfiled(studies[pk], [f for o, f in studies.items() if o != pk],
                                    [p for p in pairs if p.a_study_pk == pk], MatchWeights(), T) for pk in studies}
-    assert first[1].evidence["image_weight"] == first[9].evidence["image_weight"] == -12.0
+    # both at the bound of one comparison's image evidence (clipped pairs, added over the studies)
+    assert first[1].evidence["image_weight"] == first[9].evidence["image_weight"] == -T.max_image_total
     decisions = D.decide_studies_of_patient(studies, pairs, MatchWeights(), T)
     assert decisions[9].band != "withdrawn" and "left_out_studies" not in decisions[9].evidence
     assert decisions[1].evidence["left_out_studies"] == ["1.2.9"]
@@ -268,3 +269,30 @@ def test_reestimate_moves_towards_reviews():
     rows = reestimate([("different_patient_same_id", "rejected", {"fields": {"name": {"level": "different"}}})])
     assert rows[("belongs.name", "different")][2] == 1
     assert reestimate([]) == {}
+
+
+def test_a_study_unlike_several_of_its_ids_studies_adds_up_their_evidence():
+    """Four studies of the owner; the suspect is unlike each at -4 nats. The median says -4, one
+    comparison's worth, below the flag; with the comparisons correlated at 0.5 they count as
+    4 / 2.5 = 1.6 and at 0.2 as 2.5 of them. The owner's own studies stay put either way."""
+    import dataclasses
+    studies = {pk: facts(pk, date=f"20{10 + pk}0101") for pk in (1, 2, 3, 4, 9)}
+    llrs = {(a, b): 6.0 for a in (1, 2, 3, 4) for b in (1, 2, 3, 4) if a < b}
+    llrs |= {(a, 9): -4.0 for a in (1, 2, 3, 4)}
+    pairs = _pairs_between(llrs)
+    mine = [p for p in pairs if p.a_study_pk == 9]
+    others = [studies[pk] for pk in (1, 2, 3, 4)]
+    median = D.decide_misfiled(studies[9], others, mine, MatchWeights(), dataclasses.replace(T, study_dependence=1.0))
+    assert median.evidence["image_weight"] == -4.0 and median.band == "withdrawn"
+    for dependence, factor in ((0.5, 1.6), (0.2, 2.5)):
+        t = dataclasses.replace(T, study_dependence=dependence)
+        d = D.decide_misfiled(studies[9], others, mine, MatchWeights(), t)
+        assert d.evidence["image_weight"] == pytest.approx(-4.0 * factor)
+        assert d.evidence["image"]["fundus"]["effective_studies"] == pytest.approx(factor)
+        assert d.probability > median.probability
+        flagged = {pk for pk, x in D.decide_studies_of_patient(studies, pairs, MatchWeights(), t).items()
+                   if x.band != "withdrawn"}
+        assert flagged <= {9}
+    assert D.effective_studies(1, 0.3) == 1 and D.effective_studies(5, 1.0) == 1 and D.effective_studies(5, 0.0) == 5
+    strong = D.decide_misfiled(studies[9], others, mine, MatchWeights(), dataclasses.replace(T, study_dependence=0.2))
+    assert strong.band != "withdrawn"

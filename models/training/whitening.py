@@ -16,7 +16,7 @@ import numpy as np
 # transform keeps at most n_classes - 1 directions and picks its own shrinkage; this is a few lines of numpy.
 def within_person_whitening(emb: np.ndarray, codes: np.ndarray, shrink: float = 0.1,
                             dims: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, projection) fitted on embeddings `emb` of persons `codes`; applied as (emb - mean) @ projection.
+    """(mean, projection) fitted on embeddings `emb` of persons `codes`; apply with :func:`apply_whitening`.
 
     `shrink` in [0, 1] pulls the within-person covariance towards its mean variance (1: plain
     centring); `dims` keeps only the whitened directions of largest between-person spread.
@@ -44,6 +44,12 @@ def within_person_whitening(emb: np.ndarray, codes: np.ndarray, shrink: float = 
         _, directions = np.linalg.eigh(spread)
         whiten = whiten @ directions[:, ::-1][:, :dims]
     return mean.astype(np.float32), whiten.astype(np.float32)
+
+
+def apply_whitening(emb: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """L2-normalized (emb - mean) @ projection, row by row: what the fitted head computes."""
+    out = (np.asarray(emb, dtype=np.float32) - mean) @ projection
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def fit_head(net, ex, shrink: float, batch: int = 32) -> dict:

@@ -153,7 +153,8 @@ def test_review_page_shows_the_image_check_where_the_model_made_one(site):
     a, b = studies[site["studies"]["p2"]], studies[site["studies"]["p3"]]
     image = {"chest_xr": {"pairs": 2, "median_cosine": 0.91, "median_verification": 0.8317, "verified_pairs": 2,
                           "model": "chest_xr-net 1", "weight": 6.2},
-             "fundus": {"pairs": 1, "median_cosine": 0.52, "model": "fundus-net 1", "weight": -1.0}}
+             "fundus": {"pairs": 3, "median_cosine": 0.52, "model": "fundus-net 1", "weight": -1.6, "studies": 3,
+                        "effective_studies": 1.5}}
     link_id, _ = site["links"].upsert(LinkDraft(
         key=f"{SAME}:{a.study_pk}:{b.study_pk}", kind=SAME, a_study_pk=a.study_pk, b_study_pk=b.study_pk,
         a_patient_pk=a.patient_pk, b_patient_pk=b.patient_pk, probability=0.9, weight=5.2, band="review",
@@ -163,6 +164,9 @@ def test_review_page_shows_the_image_check_where_the_model_made_one(site):
     assert "median image check" in table
     rows = {r.split("</td>")[0].split(">")[-1]: r for r in table.split("<tr>")[2:]}
     assert "0.8317" in rows["chest_xr"] and "0.8317" not in rows["fundus"] and ">-<" in rows["fundus"]
+    # a study judged against several studies of its ID says how many comparisons its weight counts
+    assert "mean over 3 other studies of the ID, counted as 1.5 independent comparisons" in table
+    assert table.count("independent comparisons") == 1
 
 
 def test_review_page_names_the_studies_a_misfiled_flag_was_judged_without(site):
