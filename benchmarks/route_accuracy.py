@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.datasets.examples import read_manifest  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 SYNTH = {"chest_xr": ("cxr", []), "dermoscopy": ("derm", []), "fundus": ("fundus", []),
          "chest_ct": ("ct", []), "brain_mr": ("mr", ["--first-series"])}
@@ -42,21 +44,14 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
+def write_rows(path: Path, rows: list[tuple[Path, str]]) -> Path:
+    """A manifest of (image, patient_id) rows, image paths absolute."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "patient_id"])
-        writer.writeheader()
-        writer.writerows({"image": r["image"], "patient_id": r["patient_id"]} for r in rows)
+        writer = csv.writer(fh)
+        writer.writerow(["image", "patient_id"])
+        writer.writerows((str(Path(image).resolve()), pid) for image, pid in rows)
     return path
-
-
-def real_rows(manifest: Path, keep=None) -> list[dict]:
-    """Rows of a shared manifest with absolute image paths, duplicates left out, optionally only `keep` ids."""
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if not (r.get("duplicate_of") or "").strip()]
-    return [{"image": str((manifest.parent / r["image"]).resolve()), "patient_id": r["patient_id"]}
-            for r in rows if keep is None or r["patient_id"] in keep]
 
 
 def synthetic_sets(routes: list[str], work: Path, seed: int, patients: int) -> dict[str, Path]:
@@ -79,9 +74,9 @@ def real_sets(route: str, work: Path, weights_dir: Path) -> dict[str, Path]:
     if route == "chest_xr":
         card = json.loads((weights_dir / "chest_xr" / "card.json").read_text(encoding="utf-8"))
         validation = set(card.get("validation_patients") or [])
-        pediatric = real_rows(DATA / "cxr-pediatric" / "manifest.csv", validation)
+        pediatric = [row for row in read_manifest(DATA / "cxr-pediatric" / "manifest.csv") if row[1] in validation]
         return {"cxr-adult-figures (test)": DATA / "cxr-adult-figures" / "manifest.csv",
-                f"cxr-pediatric validation ({len({r['patient_id'] for r in pediatric})} patients)":
+                f"cxr-pediatric validation ({len({pid for _, pid in pediatric})} patients)":
                     write_rows(work / "cxr-pediatric-validation.csv", pediatric)}
     if route == "dermoscopy":
         run([sys.executable, "-m", "models.datasets.manifest_split", str(DATA / "derm-ham" / "manifest.csv"),

@@ -132,7 +132,7 @@ def study_set_evidence(pairs: list[ImagePair], t: Thresholds) -> tuple[float, di
     """A study against all of an ID's other studies: per route, each other study's median clipped
     llr (over its series), their mean times `effective_studies` (Thresholds.study_dependence), so
     that several studies that all say "someone else" weigh more than one; combined as
-    `image_evidence` combines routes. At dependence 1 (the default) this is `image_evidence`."""
+    `image_evidence` combines routes. At dependence 1 this is `image_evidence` (node.toml ships 0.1)."""
     weight, per_route = image_evidence(pairs, t)
     if t.study_dependence >= 1:
         return weight, per_route
@@ -147,9 +147,9 @@ def study_set_evidence(pairs: list[ImagePair], t: Thresholds) -> tuple[float, di
             continue
         per_study = [statistics.median(v) for v in by_study.values()]
         factor = effective_studies(len(per_study), t.study_dependence)
-        entry.update(weight=round(statistics.fmean(per_study) * factor, 3), studies=len(per_study),
-                     effective_studies=round(factor, 3))
-        route_weights.append(statistics.fmean(per_study) * factor)
+        weight = statistics.fmean(per_study) * factor
+        entry.update(weight=round(weight, 3), studies=len(per_study), effective_studies=round(factor, 3))
+        route_weights.append(weight)
     return combine_routes(route_weights, t), per_route
 
 

@@ -1,6 +1,7 @@
-"""Training and evaluation examples from the node's own archive (`--from-db`).
+"""Training and evaluation examples: labelled manifests (CSV of pictures or DICOM series,
+`read_manifest`, `load_manifest_examples`) and the node's own archive (`--from-db`).
 
-An example is one stored series that the pipeline routed to `route` (state `done`),
+From the archive, an example is one stored series that the pipeline routed to `route` (state `done`),
 labelled by its patient as the archive knows it: ``issuer|Patient ID`` (noisy labels by
 design: an ID error in the archive is a wrong label here). Each series is loaded with the
 pipeline's loader (`models.inference.loading.load_series`) and normalized with the route's chain at
@@ -273,29 +274,6 @@ def read_manifest(path: Path) -> list[tuple[Path, str]]:
     if not rows:
         raise ValueError(f"{path}: no rows with image and patient_id")
     return rows
-
-
-def input_transform(route: str, size: int):
-    """The route's 2D normalization chain (models.inference.transforms.route_chain) at `size` pixels."""
-    from models.inference.transforms import ROUTE_INPUTS, route_chain
-    if len(ROUTE_INPUTS[route].get("shape") or ()) != 2:
-        raise ValueError(f"route {route}: manifests of 2D images only serve the 2D routes")
-    return route_chain(route, {"size": size})
-
-
-def load_images(paths: list[Path], route: str, size: int, progress: bool = False) -> np.ndarray:
-    """(N, C, size, size) uint8 (quantized to save memory; x / 255 is the network input)."""
-    from tqdm import tqdm
-
-    from models.inference.transforms import ROUTE_INPUTS
-    channels = ROUTE_INPUTS[route]["channels"]
-    chain = input_transform(route, size)
-    out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
-    for k, p in enumerate(tqdm(paths, desc="load", disable=not progress, leave=False)):
-        x = chain(read_picture(p, channels))
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        out[k] = np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)
-    return out
 
 
 # ---------------------------------------------------------------- where a set's images came from (cards and reports say)

@@ -42,8 +42,8 @@ def nn_accuracy(train_emb, train_y, test_emb, test_y) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.datasets.examples import (Examples, as_float, embed_examples, load_images, pixel_embeddings,
-                                          read_manifest)
+    from models.datasets.examples import (Examples, as_float, embed_examples, load_manifest_examples,
+                                          pixel_embeddings, read_manifest)
     from models.inference.networks import DEFAULT_SPECS, EmbeddingNet, load_identity_model, seeded
     from models.training.augment import augmentations
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = read_manifest(args.manifest)
     labels = [r[1] for r in rows]
-    images = load_images([r[0] for r in rows], args.route, args.size)
+    images = load_manifest_examples(rows, args.route, {"size": args.size}).images   # one picture per row
     tr, te = split(labels)
     classes = sorted(set(labels))
     y = np.array([classes.index(lab) for lab in labels])
