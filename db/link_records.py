@@ -1,5 +1,6 @@
-"""Read side of the linkage store for priors, export, C-FIND and the web pages: a person's
-patients across confirmed links, their studies and the confirmed merges (plain records out).
+"""Read side of the linkage store for priors, export, C-FIND/C-MOVE/C-GET, DICOMweb and the web
+pages: a person's patients across confirmed links, their studies, series and instances, and the
+confirmed merges (plain records out).
 
 Mixed into `db.links.LinkStore`, which provides `_read` (a read-only session factory).
 """
@@ -12,8 +13,8 @@ from datetime import datetime
 
 from sqlalchemy import func, or_, select
 
-from db.models import Link, LinkKind, LinkStatus, Patient, Series, Study
-from db.records_linkage import MergeEdge, PatientRecord, StudyRecord
+from db.models import Instance, Link, LinkKind, LinkStatus, Patient, Series, Study
+from db.records_linkage import InstanceRecord, MergeEdge, PatientRecord, SeriesRecord, StudyRecord
 
 
 class LinkRecords:
@@ -99,6 +100,35 @@ class LinkRecords:
         return [StudyRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
                             tuple(sorted(modalities[r[0]])), int(r[12] or 0), int(r[13] or 0), r[14])
                 for r in rows]
+
+    def find_series(self, study_pks: Iterable[int] | None = None, series_uids: Iterable[str] | None = None
+                    ) -> list[SeriesRecord]:
+        """Series of these studies and/or with these UIDs, by study, series number."""
+        query = (select(Series.id, Series.series_uid, Series.study_pk, Study.study_uid, Series.modality,
+                        Series.series_number, Series.description, Series.body_part, Series.instance_count)
+                 .join(Study, Study.id == Series.study_pk))
+        if study_pks is not None:
+            query = query.where(Series.study_pk.in_(list(study_pks)))
+        if series_uids is not None:
+            query = query.where(Series.series_uid.in_(list(series_uids)))
+        with self._read() as session:
+            rows = session.execute(query.order_by(Series.study_pk, Series.series_number, Series.id)).all()
+        return [SeriesRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], int(r[8] or 0)) for r in rows]
+
+    def find_instances(self, series_pks: Iterable[int] | None = None, sop_uids: Iterable[str] | None = None
+                       ) -> list[InstanceRecord]:
+        """Instances of these series and/or with these SOP Instance UIDs, by series, instance number."""
+        query = (select(Instance.id, Instance.sop_instance_uid, Instance.sop_class_uid, Instance.series_pk,
+                        Series.series_uid, Study.study_uid, Instance.instance_number, Instance.transfer_syntax_uid,
+                        Instance.path, Instance.size)
+                 .join(Series, Series.id == Instance.series_pk).join(Study, Study.id == Series.study_pk))
+        if series_pks is not None:
+            query = query.where(Instance.series_pk.in_(list(series_pks)))
+        if sop_uids is not None:
+            query = query.where(Instance.sop_instance_uid.in_(list(sop_uids)))
+        with self._read() as session:
+            rows = session.execute(query.order_by(Instance.series_pk, Instance.instance_number, Instance.id)).all()
+        return [InstanceRecord(*r[:9], int(r[9])) for r in rows]
 
     def patient_records(self, patient_pks: Iterable[int] | None = None, patient_id: str | None = None,
                         issuer: str | None = None) -> dict[int, PatientRecord]:

@@ -123,6 +123,37 @@ class StudyRecord:
 
 
 @dataclass(frozen=True)
+class SeriesRecord:
+    """A series as C-FIND, QIDO-RS and retrieval show it."""
+
+    series_pk: int
+    series_uid: str
+    study_pk: int
+    study_uid: str
+    modality: str | None
+    series_number: int | None
+    description: str | None
+    body_part: str | None
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A stored instance: what C-FIND answers at IMAGE level and what a retrieval sends."""
+
+    instance_pk: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_pk: int
+    series_uid: str
+    study_uid: str
+    instance_number: int | None
+    transfer_syntax_uid: str
+    path: str                       # relative to the storage directory
+    size: int
+
+
+@dataclass(frozen=True)
 class PatientRecord:
     patient_pk: int
     patient_id: str

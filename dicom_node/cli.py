@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dicom_node import __version__
-from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 from linkage.cli import add_subcommands as add_linkage_subcommands
 from linkage.cli_records import add_subcommands as add_records_subcommands
 from models.cli import add_subcommands as add_training_subcommands
@@ -27,7 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings)
-    return serve(settings)
+    # The file the settings came from (as load_settings picks it), for reloading the allow-list.
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return serve(settings, config_path=path)
 
 
 def _dicom_files(paths: list[Path]):
@@ -128,6 +130,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from dicom_node.conformance import render
+
+    text = render(Settings() if args.defaults else _settings(args))
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     parser.add_argument("--config", type=Path, default=None,
@@ -162,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="counts of patients, studies, series, instances, bytes")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(handler=cmd_status)
+
+    conformance = commands.add_parser("conformance", help="print the DICOM Conformance Statement (Markdown), "
+                                      "rendered from the node's presentation contexts, statuses and settings")
+    conformance.add_argument("--out", type=Path, default=None, metavar="FILE", help="write it to FILE")
+    conformance.add_argument("--defaults", action="store_true",
+                             help="for the built-in defaults instead of the config file (docs/conformance.md)")
+    conformance.set_defaults(handler=cmd_conformance)
 
     add_synth_subcommands(commands)
     add_training_subcommands(commands)

@@ -163,6 +163,35 @@ class QuerySettings(_Section):
     max_concurrent: int = Field(2, ge=1)
 
 
+class DestinationSettings(_Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    # Open the association with TLS (the node's [security.tls] certificate as client certificate
+    # where one is set, ca_file to verify the destination).
+    tls: bool = False
+
+
+class RetrieveSettings(_Section):
+    # Where C-MOVE may send: AE title -> host and port. A separate, explicit list: being allowed to
+    # connect ([[security.peers]]) never makes a peer a destination.
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    # Instances one C-MOVE or C-GET may select (the standard's counters stop at 65535); a broader
+    # request is refused (0xA701/0xA702) with a comment to retrieve study by study.
+    max_instances: int = Field(10_000, ge=1, le=65_535)
+    # Retrievals served at once (each reads files and sends them); further ones wait up to
+    # query.timeout_s for a turn, then get 0xA701/0xA702.
+    max_concurrent: int = Field(2, ge=1)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_titles(cls, value):
+        titles = [d.ae_title.strip() for d in value]
+        if len(titles) != len(set(titles)):
+            raise ValueError("each destination AE title may be listed once")
+        return value
+
+
 class WebSettings(_Section):
     # Web pages and JSON API for archivists and clinicians, served inside `serve`.
     enabled: bool = False
@@ -209,6 +238,7 @@ class Settings(_Section):
     pipeline: PipelineSettings = PipelineSettings()
     linkage: LinkageSettings = LinkageSettings()
     query: QuerySettings = QuerySettings()
+    retrieve: RetrieveSettings = RetrieveSettings()
     web: WebSettings = WebSettings()
     # Directory that relative paths were resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -2,7 +2,8 @@
 
 The handlers only translate between DIMSE and `Ingestor`; all decisions about
 an instance are made in `dicom_node.ingest`, the same code `import` uses.
-C-FIND (`dicom_node.qrscp`) is served by the same AE, so the same allow-list and TLS apply.
+C-FIND (`dicom_node.qrscp`) and C-MOVE/C-GET (`dicom_node.retrieve`) are served by the same AE,
+so the same allow-list and TLS apply.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import threading
 import time
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from db.links import LinkStore
-from dicom_node.config import Settings
+from dicom_node.config import SecuritySettings, Settings
 from dicom_node.connections import ConnectionGuard
 from dicom_node.ingest import Ingestor
 from dicom_node.qrscp import FIND_CONTEXTS, make_find_handler
+from dicom_node.retrieve import RETRIEVE_CONTEXTS, Retriever
 from dicom_node.security import AccessPolicy, server_tls_context
 
 log = logging.getLogger("dicom_node.scp")
@@ -109,6 +112,12 @@ class CheaplyCopiedContexts(list):
         return copies
 
 
+# pynetdicom accepts the first of these that a proposed context lists. Explicit VR Little Endian
+# first: it keeps the value representations a file was written with, and a C-GET or C-MOVE
+# receiver that offers it gets instances stored so unchanged (most are stored so).
+PREFERRED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
+
+
 def make_ae(settings: Settings) -> AE:
     node = settings.node
     ae = AE(ae_title=node.ae_title)
@@ -123,14 +132,16 @@ def make_ae(settings: Settings) -> AE:
     ae.dimse_timeout = node.network_timeout_s
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    for abstract_syntax, transfer_syntaxes in FIND_CONTEXTS:
+        # Both roles may be negotiated: a C-GET requestor takes the SCP role to receive its
+        # instances over its own association (PS3.7 D.3.3.4); plain senders propose no roles.
+        ae.add_supported_context(context.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for abstract_syntax, transfer_syntaxes in FIND_CONTEXTS + RETRIEVE_CONTEXTS:
         ae.add_supported_context(abstract_syntax, transfer_syntaxes)
     return ae
 
 
 class StorageSCP:
-    """The node's DICOM listener: C-ECHO, C-STORE and C-FIND, allow-list, optional TLS."""
+    """The node's DICOM listener: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET, allow-list, optional TLS."""
 
     def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
         self.settings = settings
@@ -148,6 +159,8 @@ class StorageSCP:
             # Reads on the ingest store's engine: one pool, read-only connections.
             (evt.EVT_C_FIND, make_find_handler(LinkStore(ingestor.store.engine), settings.query)),
         ]
+        retriever = Retriever(LinkStore(ingestor.store.engine), settings)
+        self.handlers += [(evt.EVT_C_MOVE, retriever.handle_move), (evt.EVT_C_GET, retriever.handle_get)]
         self.tls = server_tls_context(settings.security.tls, settings)
         self.server = None
 
@@ -204,3 +217,16 @@ class StorageSCP:
             time.sleep(0.1)
         for assoc in self.ae.active_associations:
             assoc.abort()
+
+    def reload_policy(self, security: SecuritySettings) -> AccessPolicy:
+        """Put a new allow-list (`[[security.peers]]`, `require_known_ae`) in force without a restart.
+
+        The new policy is built in full first, so a host that does not resolve raises ValueError
+        and the policy in force stays. `on_requested` reads `self.policy` once per request, so
+        the single assignment is the swap: a request sees either the old or the new policy.
+        TLS and the called AE title check keep what they were started with.
+        """
+        node = self.settings.node
+        policy = AccessPolicy(security, node.ae_title if node.check_called_ae_title else None)
+        self.policy = policy
+        return policy

@@ -207,7 +207,8 @@ def test_pynetdicom_scu_matching(seeded):
         found, final = query(assoc, PATIENT_ROOT, QueryRetrieveLevel="STUDY", PatientID="P3", StudyInstanceUID="")
         assert final == 0x0000 and len(found) == 4
 
-        for model, level in ((STUDY_ROOT, "SERIES"), (STUDY_ROOT, "PATIENT"), (PATIENT_ROOT, "IMAGE")):
+        # Study Root has no PATIENT level (PS3.4 C.6.2); an unknown level is refused too.
+        for model, level in ((STUDY_ROOT, "PATIENT"), (PATIENT_ROOT, "FRAME")):
             found, final = query(assoc, model, QueryRetrieveLevel=level, PatientID="P1")
             assert found == [] and 0xC000 <= final <= 0xCFFF, (level, hex(final or 0))
     finally:

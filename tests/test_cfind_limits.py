@@ -28,7 +28,7 @@ from db.links import LinkStore
 from db.migrate import upgrade
 from db.models import Patient, Series, SeriesState, Study
 from dicom_node.config import QuerySettings, load_settings
-from dicom_node.matching import key_matcher, matches
+from linkage.matching import key_matcher, matches
 from dicom_node.qrscp import OUT_OF_RESOURCES, PENDING, SUCCESS, make_find_handler
 from tests.helpers import RunningNode, _drop_postgres_database, module_database, node_config, write_toml
 from tests.test_priors import add_study

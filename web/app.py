@@ -1,4 +1,5 @@
-"""The FastAPI application: pages (`web.pages`), JSON API (`web.api`), sessions, headers.
+"""The FastAPI application: pages (`web.pages`), JSON API (`web.api`), DICOMweb (`web.dicomweb`),
+sessions, headers.
 
 `create_app(settings, engine, secret)` is what `serve` runs under uvicorn (`web.server`)
 and what the tests drive with FastAPI's TestClient.
@@ -32,7 +33,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 
 
 def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
-    from web import api, pages
+    from web import api, dicomweb, pages
 
     app = FastAPI(title="dicom-node web API", version=__version__,
                   description="The data behind the web pages. Session cookie auth (log in with "
@@ -78,6 +79,7 @@ def create_app(settings: Settings, engine: Engine, secret: str) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(dicomweb.router)
     return app
 
 
@@ -87,7 +89,8 @@ def _is_api(request: Request) -> bool:
 
 
 def _is_api_path(path: str) -> bool:
-    return path.startswith("/api/") and path != "/api/docs"
+    """JSON errors, never pages or redirects: the API and DICOMweb (whose clients are viewers)."""
+    return (path.startswith("/api/") and path != "/api/docs") or path.startswith("/dicomweb/")
 
 
 def security_headers(path: str, secure: bool) -> list[tuple[bytes, bytes]]:

@@ -9,6 +9,9 @@
 * CSRF: a synchronizer token in the session, sent back by every POST as the form field
   `csrf_token` or the header `X-CSRF-Token`; a POST without the right one gets 403.
 * Roles: clinician (read), archivist (read + review), admin (everything, audit, users).
+* DICOMweb (`/dicomweb/`, GET only) also takes HTTP Basic against the same accounts, through
+  `check_password`: the same throttling, check slots and audit as the login form
+  (`web.dicomweb_auth`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from datetime import timedelta
 from fastapi import Depends, HTTPException, Request
 
 from db.accounts import AccountStore
+from db.records_web import UserRecord
 from db.store import utcnow
 
 ROLES = ("archivist", "clinician", "admin")
@@ -179,39 +183,51 @@ reviewer = require(*REVIEWERS)
 admin = require("admin")
 
 
-def log_in(request: Request, name: str, password: str) -> CurrentUser | LoginRefused:
-    """Check a name and password; on success start a fresh session. Returns the user, or why
-    not. Audited either way."""
+def check_password(request: Request, name: str, password: str, via: str | None = None) -> UserRecord | LoginRefused:
+    """The password check of a login, throttled and audited as one: the account, or why not. Starts
+    no session, so HTTP Basic (`web.dicomweb_auth`, `via="http-basic"`) goes through the very same
+    attempt counting and check slots as the login form."""
     from web import passwords
 
     ctx, guard = request.app.state.ctx, request.app.state.guard
-    name = (name or "").strip()[:64]
+    detail = {"via": via} if via else None
     ticket = guard.reserve(name)
     if ticket is None:
-        ctx.accounts.audit(name or "?", "login_throttled")
+        ctx.accounts.audit(name or "?", "login_throttled", detail=detail)
         return LoginRefused("too many failed logins for this name: wait 15 minutes")
     if not guard.password_slot():
         guard.unreserve(name, ticket)       # never checked: not a guess
-        ctx.accounts.audit(name or "?", "login_busy")
+        ctx.accounts.audit(name or "?", "login_busy", detail=detail)
         return LoginRefused("the server is busy checking other logins: try again in a moment", 503, RETRY_AFTER_S)
     try:
         user = ctx.accounts.user(name) if name else None
         ok = passwords.verify_password(user.password_hash if user and not user.disabled else None, password or "")
         if ok and passwords.needs_rehash(user.password_hash):
             ctx.accounts.set_password_hash(user.name, passwords.hash_password(password))
+            user = ctx.accounts.user(user.name) or user     # with the new hash
     finally:
         guard.release_slot()
     if not ok:
-        ctx.accounts.audit(name or "?", "login_failed")     # the attempt stays counted
+        ctx.accounts.audit(name or "?", "login_failed", detail=detail)     # the attempt stays counted
         return LoginRefused("wrong name or password")
     guard.succeeded(name)
+    return user
+
+
+def log_in(request: Request, name: str, password: str) -> CurrentUser | LoginRefused:
+    """Check a name and password; on success start a fresh session. Returns the user, or why
+    not. Audited either way."""
+    name = (name or "").strip()[:64]
+    user = check_password(request, name, password)
+    if isinstance(user, LoginRefused):
+        return user
     after = request.session.get("next")
     request.session.clear()       # a new session: nothing from before the login carries over
     request.session.update({"user": user.name, "sid": secrets.token_urlsafe(16), "at": int(time.time()),
                             "csrf": secrets.token_urlsafe(32)})
     if isinstance(after, str) and after.startswith("/") and not after.startswith("//"):
         request.session["next"] = after
-    ctx.accounts.audit(user.name, "login")
+    request.app.state.ctx.accounts.audit(user.name, "login")
     return CurrentUser(user.name, user.role)
 
 

@@ -41,7 +41,7 @@ def render(path: Path, size: int = SIZE) -> bytes:
         # (pylibjpeg-rle) raise pyo3's PanicException, a BaseException, on a corrupted stream
         raise ThumbnailError(f"cannot decode pixels: {type(error).__name__}") from None
     try:
-        image = _display(ds, pixels)
+        image = display_image(ds, pixels)
     except ThumbnailError:
         raise
     except Exception as error:  # noqa: BLE001 - odd headers (bad LUTs, depths, shapes) must not be a 500
@@ -53,7 +53,7 @@ def render(path: Path, size: int = SIZE) -> bytes:
     return out.getvalue()
 
 
-def _display(ds, pixels: np.ndarray) -> np.ndarray:
+def display_image(ds, pixels: np.ndarray) -> np.ndarray:
     """The frame to show as 8-bit grey (rows, cols) or RGB (rows, cols, 3)."""
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
