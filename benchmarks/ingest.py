@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Ingest throughput: the node against DCMTK `storescp`, same machine, same corpus, one run.
+"""Ingest throughput: the node against DCMTK `storescp` and Orthanc, same machine, same corpus, one run.
 
-    .venv/bin/python benchmarks/ingest.py                   # 500 instances, 3 rounds
+    .venv/bin/python benchmarks/ingest.py                   # 500 CT instances, 1/4/8 associations, 3 rounds
+    .venv/bin/python benchmarks/ingest.py --corpus cr       # 2,000 small CR images
     .venv/bin/python benchmarks/ingest.py --instances 100 --rounds 1 --json out.json
 
 What it does, all on 127.0.0.1 and all under one temporary directory that is
@@ -9,7 +10,9 @@ removed on exit (also on failure or Ctrl-C):
 
 1. Generates the corpus deterministically: N CT Image Storage instances,
    512x512, 16 bit, Explicit VR Little Endian, ~0.5 MB each, a realistic CT
-   header, 2 patients x 1 study x 2 series (pydicom + numpy, fixed seeds).
+   header, 2 patients x 1 study x 2 series (pydicom + numpy, fixed seeds); or
+   (--corpus cr) N Computed Radiography images of 256x256, 16 bit (~0.13 MB),
+   one per study, as a stream of small radiographs from many patients.
 2. For each scenario (1 association with all N instances; then 4 concurrent
    associations with N/4 each) and each receiver, starts a fresh receiver with
    an empty output directory, sends with DCMTK `storescu` (one process per
@@ -22,6 +25,9 @@ removed on exit (also on failure or Ctrl-C):
    - storescp: `storescp --fork -dhl -pdu 131072 +B -od DIR PORT` (one process
      per association, no reverse DNS, its largest receive PDU, bit-preserving
      writes straight to disk; no fsync, as always with storescp).
+   - Orthanc (Debian's package; left out with a note when `Orthanc` is not on
+     PATH): its shipped storage settings, with ports, paths, AE title and no
+     plugins set; counted through its REST API (/statistics).
    - node: `python -m dicom_node --config X serve`, durable writes on (file and
      directory fsync, SQLite WAL with synchronous=FULL): the shipped defaults,
      with only the port, the paths and the allow-list set.
@@ -32,8 +38,8 @@ removed on exit (also on failure or Ctrl-C):
    The node is measured only once it is idle after start-up (`serve` loads the
    pipeline's models in a thread after it answers C-ECHO); its pipeline stays
    idle during a measurement, as series become stable only after 30 s.
-3. Prints instances/s, MB/s (10^6 bytes of the files sent) and node/storescp
-   per scenario; the median of --rounds rounds (receivers alternate which goes
+3. Prints instances/s, MB/s (10^6 bytes of the files sent), the receiver's CPU
+   milliseconds per instance, node/storescp and node/Orthanc per scenario; the median of --rounds rounds (receivers alternate which goes
    first in each round). --json saves every round, with the node's CPU time
    and how busy the machine was before and during each measurement: on a
    shared machine, other work running beside the benchmark lowers the node's
@@ -69,14 +75,58 @@ from pathlib import Path
 
 from ingest_peers import (  # receivers and process bookkeeping, benchmarks/ingest_peers.py
     HOST, SENDER_AE, STORESCP_OPTIONS, Processes, Receiver, cpu_jiffies, cpu_seconds, dcmtk_env, machine_busy,
-    parse_override, start_node, start_storescp, tail, wait_quiet)
+    parse_override, start_node, start_orthanc, start_storescp, tail, wait_quiet)
 
 REPO = Path(__file__).resolve().parent.parent
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 SEED = 20240611
 
 
 # ----- corpus ----------------------------------------------------------------------
+
+
+def generate_cr_corpus(root: Path, count: int) -> list[Path]:
+    """`count` small CR images, one per study, 1 to 3 studies per patient, byte-identical on every run."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    def uid(*parts) -> str:
+        name = "/".join(["dicom-node-ingest-bench-cr", str(SEED), *map(str, parts)])
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+    yy, xx = np.mgrid[0:256, 0:256]
+    chest = (((xx - 128) / 110.0) ** 2 + ((yy - 140) / 100.0) ** 2 <= 1.0) * 1800 + 600
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        patient = index // 2
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = CR_IMAGE_STORAGE, uid("instance", index)
+        ds.StudyDate = ds.ContentDate = f"2024{1 + index % 12:02d}{1 + index % 28:02d}"
+        ds.StudyTime = ds.ContentTime = f"{8 + index % 10:02d}{index % 60:02d}00"
+        ds.AccessionNumber = f"CR{index:08d}"
+        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+        ds.StudyDescription, ds.SeriesDescription = "CHEST PA", "PA"
+        ds.PatientName, ds.PatientID = f"BENCH^CR{patient:05d}", f"CR-{patient:05d}"
+        ds.PatientBirthDate, ds.PatientSex = f"19{40 + patient % 60:02d}0101", "FM"[patient % 2]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uid("study", index), uid("series", index)
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = str(index), 1, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = 256
+        ds.PixelSpacing = ["1.4", "1.4"]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        noise = np.random.default_rng([SEED, index]).normal(0.0, 30.0, (256, 256))
+        ds.PixelData = np.clip(chest + noise, 0, 4095).astype("<u2").tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CR_IMAGE_STORAGE, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = root / f"cr{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def generate_corpus(root: Path, count: int) -> list[Path]:
@@ -198,11 +248,12 @@ def pysend(port: int, called_ae: str, list_file: Path) -> int:
 
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
     logging.basicConfig(level=logging.WARNING)
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     ae.maximum_pdu_size = 0
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 20
     paths = [Path(line) for line in list_file.read_text().splitlines()]
@@ -261,7 +312,7 @@ def send(processes: Processes, receiver: Receiver, sender: str, files: list[Path
     handles = [open(log, "wb") for log in logs]  # noqa: SIM115 (closed in the finally below)
     busy_before = wait_quiet(quiet_wait_s) if quiet_wait_s > 0 else machine_busy()
     jiffies_before = cpu_jiffies()
-    cpu_before = cpu_seconds(receiver.process.pid) if receiver.name == "node" else None
+    cpu_before = cpu_seconds(receiver.process.pid)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         if sender == "storescu":
@@ -292,7 +343,7 @@ def send(processes: Processes, receiver: Receiver, sender: str, files: list[Path
             handle.close()
     jiffies_after = cpu_jiffies()
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_after = cpu_seconds(receiver.process.pid) if receiver.name == "node" else None
+    cpu_after = cpu_seconds(receiver.process.pid)
     for process in senders:
         if process.stdout:
             process.stdout.close()
@@ -320,9 +371,10 @@ def send(processes: Processes, receiver: Receiver, sender: str, files: list[Path
 
 
 def run(args: argparse.Namespace, processes: Processes, root: Path) -> list[Result]:
-    print(f"generating {args.instances} CT instances ...", flush=True)
+    print(f"generating {args.instances} {args.corpus.upper()} instances ...", flush=True)
     started = time.perf_counter()
-    files = generate_corpus(root / "corpus", args.instances)
+    generate = generate_cr_corpus if args.corpus == "cr" else generate_corpus
+    files = generate(root / "corpus", args.instances)
     total = sum(f.stat().st_size for f in files)
     print(f"  {len(files)} files, {total / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s", flush=True)
     for path in files:  # same warm page cache for every receiver
@@ -334,7 +386,8 @@ def run(args: argparse.Namespace, processes: Processes, root: Path) -> list[Resu
     for round_index in range(args.rounds):
         for sender in senders:
             for associations in args.associations:
-                order = ["storescp", "node"] if round_index % 2 == 0 else ["node", "storescp"]
+                order = ["storescp", "orthanc", "node"]
+                order = order if round_index % 2 == 0 else order[::-1]
                 order = [name for name in order if name in args.receivers]
                 for name in order:
                     run_index += 1
@@ -342,6 +395,8 @@ def run(args: argparse.Namespace, processes: Processes, root: Path) -> list[Resu
                     if name == "storescp":
                         workdir.mkdir()
                         receiver = start_storescp(processes, workdir)
+                    elif name == "orthanc":
+                        receiver = start_orthanc(processes, workdir)
                     else:
                         receiver = start_node(processes, workdir, args.node_root, args.node_set)
                     os.sync()  # nothing left to write back from earlier runs
@@ -360,7 +415,7 @@ def run(args: argparse.Namespace, processes: Processes, root: Path) -> list[Resu
                     finally:
                         processes.stop(receiver.process)
                     results.append(result)
-                    cpu = f", node CPU {result.receiver_cpu_s:.1f}s" if result.receiver_cpu_s else ""
+                    cpu = f", {name} CPU {result.receiver_cpu_s:.1f}s" if result.receiver_cpu_s else ""
                     busy = result.extra["machine_busy_before"], result.extra["machine_busy_during"]
                     print(f"  round {round_index + 1} {sender:>10} -> {name:<8} x{associations}: "
                           f"{result.seconds:6.2f}s {result.per_s:7.1f} inst/s{cpu} "
@@ -370,13 +425,16 @@ def run(args: argparse.Namespace, processes: Processes, root: Path) -> list[Resu
     return results
 
 
+RECEIVERS = ("storescp", "orthanc", "node")
+
+
 def summarize(results: list[Result]) -> list[dict]:
     rows = []
     keys = sorted({(r.sender, r.associations) for r in results},
                   key=lambda k: (k[0] != "storescu", k[1]))
     for sender, associations in keys:
         medians = {}
-        for receiver in ("storescp", "node"):
+        for receiver in RECEIVERS:
             runs = [r for r in results if (r.sender, r.associations, r.receiver) == (sender, associations, receiver)]
             if not runs:
                 continue
@@ -389,25 +447,29 @@ def summarize(results: list[Result]) -> list[dict]:
                 "mb_per_s": runs[0].bytes_sent / 1e6 / seconds,
                 "rounds": [round(r.seconds, 3) for r in runs],
                 "receiver_cpu_s": statistics.median(cpu) if cpu else None,
+                "cpu_ms_per_instance": 1000 * statistics.median(cpu) / runs[0].instances if cpu else None,
                 "busy_rounds": sum(r.extra.get("machine_busy_before", 0) > 0.2 for r in runs),
             }
             rows.append(row)
-        if "storescp" in medians and "node" in medians:
-            ratio = medians["node"]["instances_per_s"] / medians["storescp"]["instances_per_s"]
-            medians["node"]["ratio"] = medians["storescp"]["ratio"] = ratio
+        for peer in ("storescp", "orthanc"):
+            if peer in medians and "node" in medians:
+                medians["node"][f"node_per_{peer}"] = (medians["node"]["instances_per_s"]
+                                                        / medians[peer]["instances_per_s"])
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'sender':<10} {'receiver':<9} {'assoc':>5} {'inst':>5} {'seconds':>8} {'inst/s':>8} " \
-             f"{'MB/s':>7} {'node/storescp':>13}"
+             f"{'MB/s':>7} {'CPU ms/inst':>11} {'node/storescp':>13} {'node/Orthanc':>12}"
     print()
     print(header)
     print("-" * len(header))
     for row in rows:
-        ratio = f"{row['ratio']:.2f}" if row["receiver"] == "node" and "ratio" in row else ""
+        cpu = f"{row['cpu_ms_per_instance']:.1f}" if row["cpu_ms_per_instance"] is not None else ""
+        ratios = [f"{row[key]:.2f}" if key in row else "" for key in ("node_per_storescp", "node_per_orthanc")]
         print(f"{row['sender']:<10} {row['receiver']:<9} {row['associations']:>5} {row['instances']:>5} "
-              f"{row['seconds']:>8.2f} {row['instances_per_s']:>8.1f} {row['mb_per_s']:>7.1f} {ratio:>13}")
+              f"{row['seconds']:>8.2f} {row['instances_per_s']:>8.1f} {row['mb_per_s']:>7.1f} {cpu:>11} "
+              f"{ratios[0]:>13} {ratios[1]:>12}")
     print()
     busy = [row for row in rows if row.get("busy_rounds")]
     if busy:
@@ -416,9 +478,9 @@ def print_table(rows: list[dict]) -> None:
                           f"x{row['associations']}" for row in busy)
               + " measurements; numbers are lower than on an idle machine")
     for row in rows:
-        if row["receiver"] == "node" and "ratio" in row:
-            verdict = "met" if row["ratio"] >= 1.0 else "NOT met"
-            print(f"{row['sender']} x{row['associations']}: node/storescp = {row['ratio']:.2f} "
+        if row["receiver"] == "node" and "node_per_storescp" in row:
+            verdict = "met" if row["node_per_storescp"] >= 1.0 else "NOT met"
+            print(f"{row['sender']} x{row['associations']}: node/storescp = {row['node_per_storescp']:.2f} "
                   f"(target >= 1.0: {verdict})")
 
 
@@ -428,12 +490,16 @@ def main(argv: list[str] | None = None) -> int:
         return pysend(int(argv[1]), argv[2], Path(argv[3]))
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=500, help="corpus size (default 500)")
-    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4],
-                        help="scenarios: concurrent associations (default: 1 4)")
+    parser.add_argument("--corpus", choices=["ct", "cr"], default="ct",
+                        help="ct: 512x512 CT slices (~0.5 MB); cr: small 256x256 radiographs (~0.13 MB)")
+    parser.add_argument("--instances", type=int, default=None,
+                        help="corpus size (default 500 CT or 2000 CR)")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4, 8],
+                        help="scenarios: concurrent associations (default: 1 4 8)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians (default 3)")
-    parser.add_argument("--receivers", nargs="+", choices=["storescp", "node"], default=["storescp", "node"],
-                        help="receivers to measure (default: both; the ratio needs both)")
+    parser.add_argument("--receivers", nargs="+", choices=list(RECEIVERS), default=list(RECEIVERS),
+                        help="receivers to measure (default: all three; Orthanc is left out with a note when "
+                             "it is not installed)")
     parser.add_argument("--json", type=Path, help="save every measurement and the summary here")
     parser.add_argument("--pynetdicom-sender", action="store_true",
                         help="also send with a pynetdicom SCU (extra rows)")
@@ -448,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                              "cores >= 80%% idle (0: do not wait; default 30)")
     parser.add_argument("--keep", action="store_true", help="keep received files (debugging)")
     args = parser.parse_args(argv)
+    if args.instances is None:
+        args.instances = 2000 if args.corpus == "cr" else 500
+    if "orthanc" in args.receivers and shutil.which("Orthanc") is None:
+        print("Orthanc is not on PATH (apt-get install orthanc): measuring without it", flush=True)
+        args.receivers = [name for name in args.receivers if name != "orthanc"]
     if args.instances < max(args.associations):
         parser.error("--instances must be at least the number of associations")
     for tool in ("storescp", "storescu"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Receivers for benchmarks/ingest.py: DCMTK `storescp` and the node as subprocesses, and the
+"""Receivers for benchmarks/ingest.py: DCMTK `storescp`, Orthanc and the node as subprocesses, and the
 process-group bookkeeping (CPU time, idleness, machine load) that keeps a measurement honest.
 
 Kept apart from ingest.py so that the run (corpus, senders, scenarios, report) reads on its own.
@@ -8,12 +8,14 @@ Kept apart from ingest.py so that the run (corpus, senders, scenarios, report) r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers import free_port, write_toml  # noqa: E402  (the same helpers the tests use)
 
 HOST = "127.0.0.1"
-NODE_AE, STORESCP_AE, SENDER_AE = "LINKNODE", "STORESCP", "STORESCU"
+NODE_AE, STORESCP_AE, ORTHANC_AE, SENDER_AE = "LINKNODE", "STORESCP", "ORTHANC", "STORESCU"
 STORESCP_OPTIONS = ["--fork", "-dhl", "-pdu", "131072", "+B"]
 
 
@@ -102,7 +104,8 @@ def dcmtk_env() -> dict:
 
 
 def cpu_seconds(pgid: int) -> float | None:
-    """user + system CPU of the live processes in process group `pgid`, from /proc (Linux)."""
+    """user + system CPU of the live processes in process group `pgid` and of their reaped children,
+    from /proc (Linux)."""
     total, found = 0.0, False
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -110,7 +113,8 @@ def cpu_seconds(pgid: int) -> float | None:
         except OSError:
             continue
         if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            # utime + stime, and cutime + cstime: storescp --fork's children, reaped, count too.
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
             found = True
     return total if found else None
 
@@ -187,10 +191,14 @@ class Receiver:
     process: subprocess.Popen
     workdir: Path
     log: Path
+    http_port: int | None = None        # Orthanc's REST API
 
     def stored(self) -> int:
         if self.name == "storescp":
             return sum(1 for p in (self.workdir / "out").rglob("*") if p.is_file())
+        if self.name == "orthanc":
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/statistics", timeout=30) as answer:
+                return int(json.load(answer)["CountInstances"])
         files = sum(1 for p in (self.workdir / "storage").rglob("*.dcm")
                     if p.is_file() and "tmp" not in p.relative_to(self.workdir / "storage").parts)
         with sqlite3.connect(f"file:{self.workdir / 'node.db'}?mode=ro", uri=True) as db:
@@ -209,6 +217,25 @@ def start_storescp(processes: Processes, workdir: Path) -> Receiver:
             stdout=handle, stderr=subprocess.STDOUT, env=dcmtk_env(), cwd=workdir)
     receiver = Receiver("storescp", STORESCP_AE, port, process, workdir, log)
     wait_ready(process, port, STORESCP_AE, log)
+    return receiver
+
+
+def start_orthanc(processes: Processes, workdir: Path) -> Receiver:
+    """Debian's Orthanc with its shipped storage settings (its own fsync policy, SQLite index,
+    no compression), only ports, paths and AE title set; no plugins."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, http_port = free_port(), free_port()
+    config = {"Name": "ingest-bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
+              "DicomAet": ORTHANC_AE, "DicomPort": port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False}
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    log = workdir / "orthanc.log"
+    with open(log, "ab") as handle:
+        process = processes.start(["Orthanc", str(workdir / "orthanc.json")], stdout=handle,
+                                  stderr=subprocess.STDOUT, env=dcmtk_env(), cwd=workdir)
+    receiver = Receiver("orthanc", ORTHANC_AE, port, process, workdir, log, http_port)
+    wait_ready(process, port, ORTHANC_AE, log)
+    wait_idle(process.pid)
     return receiver
 
 

@@ -23,7 +23,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.node import configure_logging, serve
+    from dicom_node.node import configure_logging
+    from dicom_node.serve import serve
 
     settings = _settings(args)
     configure_logging(settings)

@@ -30,6 +30,9 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(10, ge=1)
+    # Receiver processes accepting on `port` (SO_REUSEPORT); 0: one per core. One process uses one
+    # core, so ingest scales with cores; scheduler, pipeline and web stay in `serve` itself.
+    receivers: int = Field(0, ge=0, le=64)
     max_pending_connections: int = Field(20, ge=1)
     association_setup_timeout_s: float = Field(10.0, gt=0)
     check_called_ae_title: bool = True

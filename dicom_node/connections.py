@@ -77,8 +77,11 @@ class _ThrottledLog:
 
 
 class ConnectionGuard:
-    def __init__(self, max_associations: int, max_pending: int, setup_timeout_s: float) -> None:
+    def __init__(self, max_associations: int, max_pending: int, setup_timeout_s: float, shared=None) -> None:
         self.max_associations = max_associations
+        # Receiver processes (dicom_node.receivers): slots counted across all of them as well.
+        self.shared = shared
+        self._counted: set = set()
         self.max_pending = max_pending
         self.setup_timeout_s = setup_timeout_s
         self._lock = threading.Lock()
@@ -156,6 +159,10 @@ class ConnectionGuard:
     def on_conn_close(self, event) -> None:
         with self._lock:
             was_pending = self._pending.pop(event.assoc, None) is not None
+            counted = event.assoc in self._counted
+            self._counted.discard(event.assoc)
+        if counted:
+            self.shared.give()
         if was_pending:
             _stop_waiting_for_request(event.assoc)
 
@@ -166,6 +173,10 @@ class ConnectionGuard:
             active = sum(1 for other in self._admitted if other is not assoc and _holds_slot(other))
             if active >= self.max_associations:
                 return False
+            if self.shared is not None:
+                if not self.shared.take():
+                    return False
+                self._counted.add(assoc)
             self._admitted.add(assoc)
             return True
 

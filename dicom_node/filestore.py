@@ -3,7 +3,8 @@
 After `write()` returns, the file is complete at its final path and survives a
 crash or power loss; before it returns, nothing is visible at that path, so a
 kill -9 mid-write leaves at most a stray file under `tmp/`, which start-up
-removes.
+removes (receiver processes write under `tmp/receiver-N/`, cleared too when the
+pool restarts that receiver).
 """
 
 from __future__ import annotations
@@ -40,20 +41,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileStore:
-    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0, partial_dir: str = "tmp") -> None:
         self.root = root
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
-        self.tmp = root / "tmp"
+        self.tmp = root / partial_dir
         self.superseded = root / "superseded"
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def clear_partial_writes(self) -> int:
-        """Remove temp files a crash left behind; none of them was acknowledged."""
+        """Remove temp files a crash left behind (receivers' folders included); none was acknowledged."""
         removed = 0
-        for stray in self.tmp.iterdir():
-            stray.unlink(missing_ok=True)
-            removed += 1
+        for stray in self.tmp.rglob("*"):
+            if not stray.is_dir():
+                stray.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:

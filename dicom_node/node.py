@@ -1,21 +1,19 @@
-"""Wiring: settings -> database, file store, ingestor, listener, scheduler."""
+"""Wiring: settings -> database, file store, ingestor, pipeline workers, linkage engine, logging.
+`serve` (dicom_node.serve) puts them together with the listener."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import Engine
 
-from db.accounts import AccountStore
 from db.engine import make_engine
 from db.migrate import upgrade
 from db.store import IdentityStore
-from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.config import Settings
 from dicom_node.filestore import FileStore
 from dicom_node.framing import Limits
 from dicom_node.ingest import Ingestor
@@ -31,13 +29,13 @@ class Components:
     ingestor: Ingestor
 
 
-def build(settings: Settings, migrate: bool = True) -> Components:
+def build(settings: Settings, migrate: bool = True, partial_dir: str = "tmp") -> Components:
     engine = make_engine(settings.database_url, settings.database.sqlite_synchronous)
     if migrate:
         upgrade(engine)
     store = IdentityStore(engine)
     files = FileStore(settings.storage_dir, fsync=settings.storage.fsync,
-                      min_free_bytes=settings.storage.min_free_bytes)
+                      min_free_bytes=settings.storage.min_free_bytes, partial_dir=partial_dir)
     node = settings.node
     limits = Limits(node.max_dataset_bytes, node.max_dataset_elements, node.max_sequence_depth)
     ingestor = Ingestor(files, store, settings.storage.duplicate_policy, node.log_phi, limits)
@@ -165,142 +163,3 @@ def configure_logging(settings: Settings) -> None:
     # SQL dialect) is not news to an operator; their warnings still show.
     for name in ("apscheduler", "faiss.loader", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-# Seconds between two looks at the config file's modification time while `serve` runs.
-CONFIG_POLL_S = 2.0
-
-
-def _needs_restart(running: Settings, new: Settings) -> list[str]:
-    """The sections of `new` that differ from those in force and are read only at start-up."""
-    changed = [name for name in Settings.model_fields
-               if name not in ("security", "base_dir") and getattr(running, name) != getattr(new, name)]
-    return changed + (["security.tls"] if running.security.tls != new.security.tls else [])
-
-
-class AllowListReloader:
-    """Puts a new `[[security.peers]]` / `security.require_known_ae` in force while `serve` runs.
-
-    A new sender should not need a restart, which would drop every open association. The
-    config file is re-read on SIGHUP and when its modification time or size changes, and is
-    validated as at start-up (host names resolved again); a file that fails keeps the allow-list
-    in force. Only the allow-list is taken: other settings need a restart, and a change to them
-    is logged as not applied.
-    """
-
-    def __init__(self, scp, settings: Settings, path: Path | None, poll_s: float = CONFIG_POLL_S) -> None:
-        self.scp, self.running, self.poll_s = scp, settings, poll_s
-        self.path = path.resolve() if path is not None else None
-        self.requested = threading.Event()
-        self.seen = self._signature()
-
-    def _signature(self) -> tuple[int, int, int] | None:
-        # Size and inode too: an editor that saves by renaming, or a rewrite within the file
-        # system's timestamp granularity, still shows up.
-        try:
-            stat = self.path.stat() if self.path is not None else None
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat else None
-
-    def request(self) -> None:
-        """SIGHUP: only sets an event; the watcher thread reads the file (and may resolve host
-        names), not the signal handler."""
-        self.requested.set()
-
-    def reload(self, why: str) -> bool:
-        if self.path is None:
-            log.warning("%s: serve was started without a config file, so there is no allow-list to reload", why)
-            return False
-        # Taken before reading: a write that lands while the file is read is seen at the next look.
-        self.seen = self._signature()
-        try:
-            new = load_settings(self.path)
-            policy = self.scp.reload_policy(new.security)
-        except (ConfigError, OSError, ValueError) as error:
-            log.error("%s: %s not reloaded; the allow-list in force stays: %s", why, self.path.name, error)
-            return False
-        security = self.running.security.model_copy(
-            update={"peers": new.security.peers, "require_known_ae": new.security.require_known_ae})
-        self.running = self.running.model_copy(update={"security": security})
-        titles = sorted(policy.rules)
-        log.info("%s: allow-list reloaded from %s: %d peers now allowed (%s)%s", why, self.path,
-                 len(new.security.peers), ", ".join(titles) or "none",
-                 "" if policy.require_known_ae else "; require_known_ae = false: any calling AE title is admitted")
-        restart = _needs_restart(self.running, new)
-        if restart:
-            log.warning("%s: changes to %s are not applied: only [[security.peers]] and security.require_known_ae "
-                        "are reloaded, other settings need a restart", why, ", ".join(f"[{name}]" for name in restart))
-        return True
-
-    def watch(self, stop: threading.Event) -> threading.Thread:
-        def run() -> None:
-            while not stop.is_set():
-                try:
-                    if self.requested.wait(self.poll_s):
-                        self.requested.clear()
-                        if not stop.is_set():
-                            self.reload("SIGHUP")
-                    elif self.path is not None and self._signature() != self.seen:
-                        self.reload(f"{self.path.name} changed")
-                except Exception:       # the watcher must outlive any one bad reload
-                    log.exception("reloading the allow-list failed; the allow-list in force stays")
-
-        thread = threading.Thread(target=run, name="config-watch", daemon=True)
-        thread.start()
-        return thread
-
-
-def serve(settings: Settings, ready: threading.Event | None = None, config_path: Path | None = None) -> int:
-    """Migrate, start the listener and the scheduler, run until SIGINT/SIGTERM.
-
-    `config_path`: the file `settings` came from; its allow-list is reloaded on SIGHUP and when
-    the file changes (`AllowListReloader`)."""
-    from dicom_node.scheduler import mark_quiet_series_stable, start_scheduler
-    from dicom_node.scp import StorageSCP
-
-    parts = build(settings)
-    stray = parts.files.clear_partial_writes()
-    if stray:
-        log.info("removed %d partial writes left by an earlier stop (none was acknowledged)", stray)
-    mark_quiet_series_stable(parts.store, settings.series.stable_after_s)
-    scp = StorageSCP(settings, parts.ingestor)
-    scp.start()
-    scheduler = start_scheduler(parts.store, settings.series)
-    stop = threading.Event()
-    workers = start_workers(settings, parts.engine, stop)
-    web = None
-    if settings.web.enabled:
-        from web.server import start_web
-
-        try:
-            web = start_web(settings, parts.engine)
-        except Exception:
-            scp.stop()
-            scheduler.shutdown(wait=False)
-            stop.set()
-            raise
-        print(f"web pages on {web.scheme}://{settings.web.host}:{web.port}/", flush=True)
-        if not AccountStore(parts.engine).users():
-            print("no web accounts yet: create the first one with "
-                  "`dicom-node user add NAME --role admin` (archivist and clinician accounts the same way)",
-                  flush=True)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    reloader = AllowListReloader(scp, settings, config_path)
-    signal.signal(signal.SIGHUP, lambda *_: reloader.request())
-    reloader.watch(stop)
-    print(f"dicom-node {settings.node.ae_title} listening on {settings.node.host}:{scp.port}", flush=True)
-    if ready is not None:
-        ready.set()
-    stop.wait()
-    log.info("stopping: finishing open associations")
-    if web is not None:
-        web.stop()
-    scp.stop()
-    scheduler.shutdown(wait=True)
-    for worker in workers:
-        worker.join(timeout=60)
-    parts.engine.dispose()
-    return 0

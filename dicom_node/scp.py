@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -95,6 +96,16 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class ReusePortServer(HandshakeInThreadServer):
+    """For receiver processes (dicom_node.receivers): each binds the node's port; the kernel
+    spreads new connections over them."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets SO_REUSEADDR only (socketserver's allow_reuse_port is not read).
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class CheaplyCopiedContexts(list):
     """The supported presentation contexts, as pynetdicom copies them for each connection.
 
@@ -143,13 +154,14 @@ def make_ae(settings: Settings) -> AE:
 class StorageSCP:
     """The node's DICOM listener: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET, allow-list, optional TLS."""
 
-    def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
+    def __init__(self, settings: Settings, ingestor: Ingestor, slots=None, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         node = settings.node
         self.ae = make_ae(settings)
         self.policy = AccessPolicy(settings.security, node.ae_title if node.check_called_ae_title else None)
         self.guard = ConnectionGuard(node.max_associations, node.max_pending_connections,
-                                     node.association_setup_timeout_s)
+                                     node.association_setup_timeout_s, shared=slots)
         self.handlers = [
             (evt.EVT_CONN_OPEN, self.guard.on_conn_open),
             (evt.EVT_CONN_CLOSE, self.guard.on_conn_close),
@@ -186,7 +198,7 @@ class StorageSCP:
         node = self.settings.node
         self.server = self.ae.make_server(
             (node.host, node.port), evt_handlers=self.handlers, ssl_context=self.tls,
-            server_class=HandshakeInThreadServer,
+            server_class=ReusePortServer if self.reuse_port else HandshakeInThreadServer,
         )
         self.server.handshake_timeout_s = min(node.association_setup_timeout_s, node.network_timeout_s)
         self.server.guard = self.guard

@@ -90,7 +90,9 @@ def _drop_postgres_database(name: str) -> None:
 def node_config(tmp_path: Path, db_url: str | None = None, **sections) -> dict:
     """A node.toml as a dict: a free port, storage under tmp_path, fast series completion."""
     config = {
-        "node": {"port": free_port(), "host": "127.0.0.1", "log_level": "INFO"},
+        # One receiver process (the default is one per core): tests about the network edge see one
+        # listener; tests/test_receivers.py and the crash and disk-full tests run two as well.
+        "node": {"port": free_port(), "host": "127.0.0.1", "log_level": "INFO", "receivers": 1},
         "database": {"url": db_url or f"sqlite:///{tmp_path / 'node.db'}"},
         "storage": {"dir": str(tmp_path / "storage")},
         "series": {"stable_after_s": 2.0, "check_interval_s": 0.5},

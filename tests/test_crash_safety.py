@@ -142,7 +142,7 @@ def check_consistent(node: RunningNode, sent: dict[str, Sent], acked: set[str],
     storage = settings.storage_dir
     context = f"\n--- node log ---\n{node.log()[-6000:]}"
 
-    leftovers = sorted(p.name for p in (storage / "tmp").iterdir())
+    leftovers = sorted(p.name for p in (storage / "tmp").rglob("*") if p.is_file())
     assert not leftovers, f"partial writes survived restart under tmp/: {leftovers}{context}"
 
     rows = db_rows(settings.database_url)
@@ -210,9 +210,19 @@ def crash_during_transfer(node: RunningNode, items: list[tuple[str, Sent]], kill
 
 
 def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_node, db_url, tmp_path):
+    kill_9_rounds(start_node, db_url, tmp_path, receivers=1)
+
+
+def test_kill_9_with_receiver_processes_loses_nothing_acknowledged(start_node, tmp_path):
+    """The same with two receiver processes, which die with `serve` (SQLite: writers from two processes)."""
+    kill_9_rounds(start_node, f"sqlite:///{tmp_path / 'node.db'}", tmp_path, receivers=2)
+
+
+def kill_9_rounds(start_node, db_url: str, tmp_path, receivers: int) -> None:
+    """kill -9 of `serve` mid-transfer, three times; restart; re-send what was not acknowledged."""
     sent = make_instances(tmp_path / "outbox", TOTAL)
     items = list(sent.items())
-    node = start_node(db_url=db_url, storage={"min_free_bytes": 0})
+    node = start_node(db_url=db_url, storage={"min_free_bytes": 0}, node={"receivers": receivers})
 
     acked: set[str] = set()
     unacked_attempts: set[str] = set()
@@ -224,7 +234,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_node, db_url, tmp_
         # With one association and synchronous C-STORE, at most one request is in flight.
         assert len(set(transfer.attempted) - set(transfer.acked)) <= 1, transfer.attempted[-3:]
 
-        real_leftovers = sorted(p.name for p in (node.storage / "tmp").iterdir())
+        real_leftovers = sorted(p.name for p in (node.storage / "tmp").rglob("*") if p.is_file())
         print(f"round {round_number}: killed after {len(transfer.acked)} acks of this association, "
               f"in flight {transfer.attempted[len(transfer.acked):]}, tmp/ before restart {real_leftovers}")
         # A stray partial write as a crash in os.write would leave it: start-up must remove it.

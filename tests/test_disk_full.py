@@ -104,7 +104,7 @@ def stored_state(settings) -> tuple[dict[str, Instance], set[str], list[str]]:
         engine.dispose()
     storage = settings.storage_dir
     files = {p.stem for p in storage.rglob("*.dcm") if p.parent.name not in ("tmp", "superseded")}
-    partial = [p.name for p in (storage / "tmp").iterdir()]
+    partial = [p.name for p in (storage / "tmp").rglob("*") if p.is_file()]
     return rows, files, partial
 
 
@@ -118,13 +118,15 @@ def assert_intact(settings, rows, sources: dict[str, Path]) -> None:
         assert hashlib.sha256(data).hexdigest() == row.sha256
 
 
+@pytest.mark.parametrize("receivers", [1, 2])
 @pytest.mark.parametrize("tmpfs", CASES, ids=[c.name for c in CASES], indirect=True)
-def test_disk_full_on_tmpfs(tmpfs, start_node, tmp_path):
+def test_disk_full_on_tmpfs(tmpfs, start_node, tmp_path, receivers):
     case, mount = tmpfs
     filler = mount / "filler.bin"
     filler.write_bytes(b"\0" * FILLER)
     sources = make_instances(tmp_path / "outbox", 60)
-    node = start_node(storage={"dir": str(mount / "storage"), "min_free_bytes": case.min_free_bytes})
+    node = start_node(storage={"dir": str(mount / "storage"), "min_free_bytes": case.min_free_bytes},
+                      node={"receivers": receivers})
     settings = node.settings
 
     ae = AE(ae_title="TESTSCU")
