@@ -215,20 +215,22 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(start_node, db_url, tmp_
 
 def test_kill_9_with_receiver_processes_loses_nothing_acknowledged(start_node, tmp_path):
     """The same with two receiver processes, which die with `serve` (SQLite: writers from two processes)."""
-    kill_9_rounds(start_node, f"sqlite:///{tmp_path / 'node.db'}", tmp_path, receivers=2)
+    kill_9_rounds(start_node, f"sqlite:///{tmp_path / 'node.db'}", tmp_path, receivers=2, kill_after=KILL_AFTER[:1],
+                  total=80)
 
 
-def kill_9_rounds(start_node, db_url: str, tmp_path, receivers: int) -> None:
-    """kill -9 of `serve` mid-transfer, three times; restart; re-send what was not acknowledged."""
-    sent = make_instances(tmp_path / "outbox", TOTAL)
+def kill_9_rounds(start_node, db_url: str, tmp_path, receivers: int, kill_after=KILL_AFTER, total=TOTAL) -> None:
+    """kill -9 of `serve` mid-transfer at each of `kill_after` acknowledgements; restart each time;
+    re-send what was not acknowledged."""
+    sent = make_instances(tmp_path / "outbox", total)
     items = list(sent.items())
     node = start_node(db_url=db_url, storage={"min_free_bytes": 0}, node={"receivers": receivers})
 
     acked: set[str] = set()
     unacked_attempts: set[str] = set()
     remaining = items
-    for round_number, kill_after in enumerate(KILL_AFTER, 1):
-        transfer = crash_during_transfer(node, remaining, kill_after - len(acked))
+    for round_number, acks in enumerate(kill_after, 1):
+        transfer = crash_during_transfer(node, remaining, acks - len(acked))
         acked |= set(transfer.acked)
         unacked_attempts |= set(transfer.attempted) - set(transfer.acked)
         # With one association and synchronous C-STORE, at most one request is in flight.
