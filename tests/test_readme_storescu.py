@@ -57,7 +57,9 @@ def make_cohort(kind: str, out: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["synth-dms", "synth-vl", "convert-cr", "convert-sc"])
+# Dermoscopic Photography (the SOP class storescu's default list lacks) and a converted image set;
+# the other dermoscopy class and Secondary Capture go through the same command path.
+@pytest.mark.parametrize("kind", ["synth-dms", "convert-cr"])
 def test_the_readme_storescu_command_stores_every_file_of_a_generated_cohort(start_node, tmp_path, kind):
     storescu = need("storescu")
     env, argv = readme_storescu()
