@@ -128,7 +128,6 @@ class ReceiverPool:
         self.ready = self.context.Queue()
         self.processes: list = [None] * count
         self.stopping = threading.Event()
-        self.restarts = 0
 
     @property
     def port(self) -> int:
@@ -179,7 +178,6 @@ class ReceiverPool:
                 log.error("receiver %d (pid %d) exited with %s; starting a new one", index, process.pid,
                           process.exitcode)
                 self.slots.reset(index)
-                self.restarts += 1
                 stray = FileStore(self.settings.storage_dir, partial_dir=partial_dir(index)).clear_partial_writes()
                 if stray:
                     log.info("removed %d partial writes of receiver %d (none was acknowledged)", stray, index)

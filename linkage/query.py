@@ -206,6 +206,11 @@ def find_patients(store: LinkStore, keys: dict, limit: int | None = None, tick: 
     return [(p, others.get(p.patient_pk, [])) for p in sent], len(found)
 
 
+def _series_order(study_rank: dict[int, int]):
+    """Series by their study's rank, then series number (unnumbered last), then arrival."""
+    return lambda s: (study_rank[s.study_pk], s.series_number is None, s.series_number or 0, s.series_pk)
+
+
 def _with_parents(store: LinkStore, keys: dict) -> dict:
     """Keys with the parent UIDs filled in from listed child UIDs, so that a series or instance
     found by its own UID does not make the study level scan every study."""
@@ -226,7 +231,7 @@ def _matching_series(store: LinkStore, keys: dict, tick: Callable[[], None]
     records = store.find_series(study_pks=studies, series_uids=_uids(keys, "SeriesInstanceUID"))
     order = {pk: n for n, pk in enumerate(studies)}
     found = _select(records, _tests(keys, SERIES_KEYS, {"StudyInstanceUID"}), tick)
-    found.sort(key=lambda s: (order[s.study_pk], s.series_number is None, s.series_number or 0, s.series_pk))
+    found.sort(key=_series_order(order))
     return found, studies
 
 
@@ -307,7 +312,7 @@ def retrieve_selection(store: LinkStore, level: str, keys: dict, tick: Callable[
         studies = _matching_studies(store, narrowed, tick)
         series = store.find_series(study_pks=[s.study_pk for s in studies])
         order = {s.study_pk: n for n, s in enumerate(studies)}
-        series.sort(key=lambda s: (order[s.study_pk], s.series_number is None, s.series_number or 0, s.series_pk))
+        series.sort(key=_series_order(order))
     else:
         series, _ = _matching_series(store, narrowed, tick)
     rank = {s.series_pk: n for n, s in enumerate(series)}
