@@ -60,6 +60,7 @@ class Received:
     stored: StoredFile
     calling_ae: str | None
     received_at: datetime
+    absent: bool = False     # the ingest found no row for this SOP Instance UID (a hint, checked by the insert)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from db.engine import make_sessionmaker
+from db.group_commit import GroupCommit
 from db.models import Embedding, Instance, Patient, Series, SeriesState, Study
 from db.records import ExistingInstance, InstanceHeader, Received
 
@@ -26,6 +27,7 @@ class IdentityStore:
         self.engine = engine
         self._read_engine = engine.execution_options(read_only=True)
         self._sessions = make_sessionmaker(engine)
+        self._group = GroupCommit(self._record_batch)
 
     # ----- ingest -------------------------------------------------------------------
 
@@ -36,21 +38,47 @@ class IdentityStore:
         return ExistingInstance(sha256=row.sha256, path=row.path) if row else None
 
     def record_instance(self, received: Received) -> None:
-        """Insert (or replace) the instance row and its patient/study/series; commit.
+        """Insert (or replace) the instance row and its patient/study/series; return once committed.
 
-        Concurrent associations may create the same patient, study or series at
-        once; the loser of such a race retries against the winner's rows. Rows
-        that are updated are read FOR UPDATE (PostgreSQL; SQLite has one writer)
-        so counters are never lost.
+        Rows from concurrent associations are committed together (`GroupCommit`): one
+        transaction and one WAL sync for all the rows waiting, each caller released only
+        when the transaction holding its own row has committed.
         """
+        self._group.submit(received)
+
+    def _record_alone(self, received: Received) -> None:
+        """One row in its own transaction. Concurrent associations (or receiver processes) may
+        create the same patient, study, series or instance at once; the loser of such a race
+        retries against the winner's rows. Rows that are updated are read FOR UPDATE
+        (PostgreSQL; SQLite has one writer) so counters are never lost."""
         for attempt in range(3):
             try:
                 with self.engine.begin() as connection:
-                    _record(connection, received)
+                    _record(connection, received, trust_absent=attempt == 0)
                 return
             except IntegrityError:
                 if attempt == 2:
                     raise
+
+    def _record_batch(self, batch: list[Received]) -> list[BaseException | None]:
+        """Commit rows together; if the shared transaction fails, each row gets its own (so one
+        bad row fails alone). Returns each row's error or None."""
+        if len(batch) > 1:
+            try:
+                with self.engine.begin() as connection:
+                    for received in batch:
+                        _record(connection, received, trust_absent=True)
+                return [None] * len(batch)
+            except (SQLAlchemyError, DBAPIError):
+                pass        # rolled back as a whole: nothing of it is committed
+        errors: list[BaseException | None] = []
+        for received in batch:
+            try:
+                self._record_alone(received)
+                errors.append(None)
+            except Exception as error:  # noqa: BLE001 - handed to that row's caller, raised there
+                errors.append(error)
+        return errors
 
     # ----- series completion ----------------------------------------------------------
 
@@ -159,24 +187,41 @@ def _aware(moment: datetime) -> datetime:
 
 
 # ----- the instance row and its parents, in SQLAlchemy Core ---------------------------
-# One instance costs 4 indexed look-ups and 1-4 small writes; the ORM's unit of
+# One instance costs 2-4 indexed look-ups and 1-4 small writes; the ORM's unit of
 # work around the same statements cost ~2 ms per instance, more than the SQL.
 
 _P, _ST, _SE, _I = Patient.__table__, Study.__table__, Series.__table__, Instance.__table__
 _FIND_INSTANCE = select(_I.c.sha256, _I.c.path).where(_I.c.sop_instance_uid == bindparam("uid"))
 _FIND_PATIENT = select(_P.c.id, _P.c.issuer_qualifiers, _P.c.other_patient_ids, _P.c.name, _P.c.birth_date,
                        _P.c.sex).where(_P.c.patient_id == bindparam("pid"), _P.c.issuer == bindparam("issuer")).with_for_update()
-_FIND_STUDY = select(_ST.c.id, _ST.c.patient_pk).where(_ST.c.study_uid == bindparam("uid")).with_for_update()
-_FIND_SERIES = (select(_SE.c.id, _SE.c.state, _SE.c.last_received_at)
+_FIND_STUDY = select(_ST.c.id.label("study_pk"), _ST.c.patient_pk).where(_ST.c.study_uid == bindparam("uid")).with_for_update()
+# The series with its study in one look-up: for every instance after a series' first, the study's
+# own look-up is not needed.
+_FIND_SERIES = (select(_SE.c.id, _SE.c.state, _SE.c.last_received_at, _ST.c.study_uid, _ST.c.id.label("study_pk"),
+                       _ST.c.patient_pk).join(_ST, _SE.c.study_pk == _ST.c.id)
                 .where(_SE.c.series_uid == bindparam("uid")).with_for_update())
+# Built once and executed with parameters: a statement built per call (`insert(...).values(...)`)
+# cost more CPU in SQLAlchemy's coercion and cache-key work than the SQL itself.
+_INSERT_INSTANCE = insert(_I)
+_COUNT_IN = update(_SE).where(_SE.c.id == bindparam("pk")).values(
+    instance_count=_SE.c.instance_count + bindparam("added"), total_bytes=_SE.c.total_bytes + bindparam("added_bytes"),
+    last_received_at=bindparam("last"))
+_COUNT_IN_REOPEN = _COUNT_IN.values(state=SeriesState.receiving, state_changed_at=bindparam("now"))
 _FIND_ROW = select(_I.c.id, _I.c.series_pk, _I.c.size).where(_I.c.sop_instance_uid == bindparam("uid")).with_for_update()
 
 
-def _record(connection: Connection, received: Received) -> None:
+def _record(connection: Connection, received: Received, trust_absent: bool = False) -> None:
+    """`trust_absent`: take `received.absent` (ingest found no row for this SOP Instance UID) as
+    still true and skip the look-up; a row that appeared since fails the insert (IntegrityError),
+    and the retry looks."""
     header, stored, now = received.header, received.stored, received.received_at
     patient_pk = _patient(connection, header, now)
 
-    study = connection.execute(_FIND_STUDY, {"uid": header.study_uid}).first()
+    series = connection.execute(_FIND_SERIES, {"uid": header.series_uid}).first()
+    if series is not None and series.study_uid == header.study_uid:
+        study = series
+    else:
+        study = connection.execute(_FIND_STUDY, {"uid": header.study_uid}).first()
     if study is None:
         study_pk = connection.execute(insert(_ST).values(
             study_uid=header.study_uid, patient_pk=patient_pk, created_at=now,
@@ -186,13 +231,12 @@ def _record(connection: Connection, received: Received) -> None:
             patient_sex=header.sex, patient_age=header.age, conflicting_instances=0,
         )).inserted_primary_key[0]
     else:
-        study_pk = study.id
+        study_pk = study.study_pk
         if study.patient_pk != patient_pk:
             # The study stays with the patient it arrived under first; linkage reads this.
             connection.execute(update(_ST).where(_ST.c.id == study_pk)
                                .values(conflicting_instances=_ST.c.conflicting_instances + 1))
 
-    series = connection.execute(_FIND_SERIES, {"uid": header.series_uid}).first()
     if series is None:
         series_pk = connection.execute(insert(_SE).values(
             series_uid=header.series_uid, study_pk=study_pk, modality=header.modality,
@@ -208,11 +252,12 @@ def _record(connection: Connection, received: Received) -> None:
     values = {"sop_class_uid": header.sop_class_uid, "instance_number": header.instance_number,
               "transfer_syntax_uid": stored.transfer_syntax_uid, "path": stored.path, "size": stored.size,
               "sha256": stored.sha256, "calling_ae": received.calling_ae, "received_at": now}
-    row = connection.execute(_FIND_ROW, {"uid": header.sop_instance_uid}).first()
+    row = None if trust_absent and received.absent else connection.execute(
+        _FIND_ROW, {"uid": header.sop_instance_uid}).first()
     added_count, added_bytes = 1, stored.size
     if row is None:
-        connection.execute(insert(_I).values(sop_instance_uid=header.sop_instance_uid, series_pk=series_pk,
-                                             **values))
+        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, "series_pk": series_pk,
+                                              **values})
     else:
         if row.series_pk != series_pk:
             connection.execute(update(_SE).where(_SE.c.id == row.series_pk).values(
@@ -221,13 +266,10 @@ def _record(connection: Connection, received: Received) -> None:
             added_count, added_bytes = 0, stored.size - (row.size or 0)
         connection.execute(update(_I).where(_I.c.id == row.id).values(series_pk=series_pk, **values))
 
-    changes = {"instance_count": _SE.c.instance_count + added_count,
-               "total_bytes": _SE.c.total_bytes + added_bytes,
-               "last_received_at": max(last, now)}
-    if state != SeriesState.receiving:
-        # A late instance re-opens the series: it will be re-processed once stable.
-        changes.update({"state": SeriesState.receiving, "state_changed_at": now})
-    connection.execute(update(_SE).where(_SE.c.id == series_pk).values(**changes))
+    # A late instance re-opens the series: it will be re-processed once stable.
+    connection.execute(_COUNT_IN if state == SeriesState.receiving else _COUNT_IN_REOPEN,
+                       {"pk": series_pk, "added": added_count, "added_bytes": added_bytes,
+                        "last": max(last, now), "now": now})
 
 
 def _patient(connection: Connection, header: InstanceHeader, now: datetime) -> int:

@@ -144,7 +144,7 @@ class Ingestor:
             stored = StoredFile(path=relative, size=len(_PREAMBLE) + len(meta) + len(dataset),
                                 sha256=digest, transfer_syntax_uid=str(transfer_syntax))
             try:
-                self.store.record_instance(Received(header, stored, calling_ae, utcnow()))
+                self.store.record_instance(Received(header, stored, calling_ae, utcnow(), absent=existing is None))
             except Exception:
                 if existing is None or existing.path != relative:
                     # Not acknowledged and not indexed: the file must not linger as if stored.
