@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 import migrations
 
@@ -22,10 +24,38 @@ def alembic_config() -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate; several nodes starting at once against one database take turns (a lock held for
+    the migration: PostgreSQL's advisory lock, a lock file beside an SQLite database)."""
     config = alembic_config()
-    with engine.connect() as connection:
+    with engine.connect() as connection, _migration_lock(connection):
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+_LOCK_KEY = 0x44434D4E4F4445      # "DCMNODE": this application's advisory lock number
+
+
+@contextmanager
+def _migration_lock(connection: Connection):
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+        connection.commit()        # the lock is the session's; the migrations run in their own transactions
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+            connection.commit()
+        return
+    database = connection.engine.url.database
+    if connection.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def current_revision(engine: Engine) -> str | None:

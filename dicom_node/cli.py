@@ -49,7 +49,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings)
-    ingestor = build(settings).ingestor
+    # A folder of its own under the node's: a `serve` running beside it clears only at its start-up.
+    parts = build(settings, partial_dir=f"{settings.partial_dir}/import-{os.getpid()}")
+    ingestor = parts.ingestor
     stored = duplicates = failed = 0
     for path in _dicom_files(args.paths):
         if not path.exists():
@@ -63,6 +65,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             failed += 1
             print(f"{path}: not stored (0x{result.status:04X}): {result.reason}", file=sys.stderr)
+    parts.files.tmp.rmdir()              # empty: every write was completed or cleaned up
     print(f"stored {stored}, already present {duplicates}, failed {failed}")
     return 1 if failed else 0
 

@@ -8,6 +8,7 @@ node behaves the same whatever the working directory is.
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,10 @@ class NodeSettings(_Section):
     max_sequence_depth: int = Field(32, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
+    # This node's name among several `serve` processes sharing one database and storage folder
+    # (README "Several nodes, one archive"); empty: host name and port. Its writes in progress go
+    # under the storage folder's tmp/<instance>/, which only it clears at start-up.
+    instance: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
 
     @field_validator("ae_title")
     @classmethod
@@ -252,6 +257,16 @@ class Settings(_Section):
     @property
     def storage_dir(self) -> Path:
         return self.resolve(self.storage.dir)
+
+    @property
+    def instance_name(self) -> str:
+        """`node.instance`, else this host's name and the DICOM port."""
+        return self.node.instance or f"{socket.gethostname()}-{self.node.port}"
+
+    @property
+    def partial_dir(self) -> str:
+        """This node's folder for writes in progress, relative to the storage folder."""
+        return f"tmp/{self.instance_name}"
 
     @property
     def database_url(self) -> str:

@@ -2,9 +2,10 @@
 
 After `write()` returns, the file is complete at its final path and survives a
 crash or power loss; before it returns, nothing is visible at that path, so a
-kill -9 mid-write leaves at most a stray file under `tmp/`, which start-up
-removes (receiver processes write under `tmp/receiver-N/`, cleared too when the
-pool restarts that receiver).
+kill -9 mid-write leaves at most a stray file in the writer's own folder under `tmp/`:
+`tmp/<instance>/` for a node (`node.instance`), `.../receiver-N/` for its receiver processes,
+`.../import-<pid>/` for `dicom-node import`. A node's start-up clears its own folder (a receiver's
+restart, the receiver's), never another node's sharing the storage folder.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class FileStore:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def clear_partial_writes(self) -> int:
-        """Remove temp files a crash left behind (receivers' folders included); none was acknowledged."""
+        """Remove temp files a crash left in this store's folder for writes in progress (and its
+        subfolders: receivers, imports); none was acknowledged."""
         removed = 0
         for stray in self.tmp.rglob("*"):
             if not stray.is_dir():

@@ -29,13 +29,16 @@ class Components:
     ingestor: Ingestor
 
 
-def build(settings: Settings, migrate: bool = True, partial_dir: str = "tmp") -> Components:
+def build(settings: Settings, migrate: bool = True, partial_dir: str | None = None) -> Components:
+    """`partial_dir`: where this process writes files in progress (default: the node's own,
+    `Settings.partial_dir`)."""
     engine = make_engine(settings.database_url, settings.database.sqlite_synchronous)
     if migrate:
         upgrade(engine)
     store = IdentityStore(engine)
     files = FileStore(settings.storage_dir, fsync=settings.storage.fsync,
-                      min_free_bytes=settings.storage.min_free_bytes, partial_dir=partial_dir)
+                      min_free_bytes=settings.storage.min_free_bytes,
+                      partial_dir=partial_dir or settings.partial_dir)
     node = settings.node
     limits = Limits(node.max_dataset_bytes, node.max_dataset_elements, node.max_sequence_depth)
     ingestor = Ingestor(files, store, settings.storage.duplicate_policy, node.log_phi, limits)

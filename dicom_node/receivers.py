@@ -68,9 +68,9 @@ class SharedSlots:
             self.held[index] = 0
 
 
-def partial_dir(index: int) -> str:
+def partial_dir(settings: Settings, index: int) -> str:
     """A receiver's own folder for writes in progress, so that a restart can clear what it left."""
-    return f"tmp/receiver-{index}"
+    return f"{settings.partial_dir}/receiver-{index}"
 
 
 def _die_with_parent() -> None:
@@ -100,7 +100,7 @@ def receiver_main(data: dict, base_dir: str, config_path: str | None, index: int
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C reaches the pool, which stops us in order
-    parts = build(settings, migrate=False, partial_dir=partial_dir(index))
+    parts = build(settings, migrate=False, partial_dir=partial_dir(settings, index))
     scp = StorageSCP(settings, parts.ingestor, slots=slots, reuse_port=True)
     scp.start()
     # The pool validates a changed allow-list and sends SIGHUP; the file is not watched here too.
@@ -178,7 +178,7 @@ class ReceiverPool:
                 log.error("receiver %d (pid %d) exited with %s; starting a new one", index, process.pid,
                           process.exitcode)
                 self.slots.reset(index)
-                stray = FileStore(self.settings.storage_dir, partial_dir=partial_dir(index)).clear_partial_writes()
+                stray = FileStore(self.settings.storage_dir, partial_dir=partial_dir(self.settings, index)).clear_partial_writes()
                 if stray:
                     log.info("removed %d partial writes of receiver %d (none was acknowledged)", stray, index)
                 try:

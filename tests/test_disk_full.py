@@ -229,6 +229,6 @@ def test_simulated_enospc_in_process(tmp_path, monkeypatch, call):
         stored = settings.storage_dir / row.path
         assert dataset_bytes(stored) == data
         assert row.sha256 == hashlib.sha256(data).hexdigest()
-        assert not list((settings.storage_dir / "tmp").iterdir())
+        assert not [p for p in (settings.storage_dir / "tmp").rglob("*") if p.is_file()]
     finally:
         parts.engine.dispose()

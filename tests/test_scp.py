@@ -180,7 +180,7 @@ def test_malformed_instances_fail_with_their_status_and_the_association_goes_on(
     assert send_raw(assoc, tmp_path, data, ct_class, ct.SOPInstanceUID, ts).Status == 0x0000
     assoc.release()
     assert list(stored_instances(node)) == [ct.SOPInstanceUID]
-    assert not list((node.storage / "tmp").iterdir())
+    assert not [p for p in (node.storage / "tmp").rglob("*") if p.is_file()]
 
 
 def dataset_bytes_from(part10: bytes) -> bytes:
