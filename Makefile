@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Test files run in this many processes (pytest-xdist; a file's tests stay in one process, so
+# module fixtures are made once). Much of the suite waits on nodes and peers, so 2 halves it on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: serve test venv migrate bench clean
 
@@ -22,7 +25,7 @@ serve: migrate
 	$(BIN)/dicom-node serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

@@ -54,7 +54,10 @@ class FileStore:
         """Remove temp files a crash left in this store's folder for writes in progress (and its
         subfolders: receivers, imports); none was acknowledged."""
         removed = 0
-        for stray in self.tmp.rglob("*"):
+        # Files right under tmp/ were left by a version that wrote there; no writer does now.
+        legacy = self.root / "tmp"
+        strays = [*self.tmp.rglob("*"), *(legacy.iterdir() if legacy != self.tmp else [])]
+        for stray in strays:
             if not stray.is_dir():
                 stray.unlink(missing_ok=True)
                 removed += 1

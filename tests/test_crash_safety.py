@@ -240,7 +240,7 @@ def kill_9_rounds(start_node, db_url: str, tmp_path, receivers: int, kill_after=
         print(f"round {round_number}: killed after {len(transfer.acked)} acks of this association, "
               f"in flight {transfer.attempted[len(transfer.acked):]}, tmp/ before restart {real_leftovers}")
         # A stray partial write as a crash in os.write would leave it: start-up must remove it.
-        (node.storage / "tmp" / f"crash-round-{round_number}.part").write_bytes(b"\0" * 1000)
+        (node.storage / node.settings.partial_dir / f"crash-round-{round_number}.part").write_bytes(b"\0" * 1000)
         restart(node, round_number)
         check_consistent(node, sent, acked, unacked_attempts)
         remaining = [(uid, s) for uid, s in items if uid not in acked]
