@@ -48,7 +48,8 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     return card_path
 
 
-def _plots(results: dict, out: Path) -> list[str]:
+def plot_results(results: dict, out: Path) -> list[str]:
+    """roc.png, cmc.png and scores.png in `out` for results with curves (metrics.identity_metrics(curves=True))."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,7 +100,7 @@ def write_report(report: dict, out: Path | None, json_path: Path | None = None) 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        clean["plots"] = _plots(results, out)
+        clean["plots"] = plot_results(results, out)
         (out / "metrics.json").write_text(json.dumps(clean, indent=2, default=float) + "\n", encoding="utf-8")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
