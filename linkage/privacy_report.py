@@ -1,0 +1,206 @@
+"""The privacy audit's report: report.json, index.html, plots and thumbnails in one folder.
+
+Pseudonyms and export-local labels (E0001...) only: archive patients are numbers, header findings
+name attributes and count files, never values. Thumbnails are of the exported images themselves
+(128 px), so they show what the export shows, burned-in text included.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+THUMBNAILS = 12
+
+
+def at_risk(routes: dict, limit: int = THUMBNAILS) -> list[dict]:
+    """The exported series most at risk: by the higher of their best link inside the export and their
+    best archive candidate (probabilities as the node decides them)."""
+    risk: dict[str, dict] = {}
+    for name, r in routes.items():
+        for e in r.get("export", {}).get("at_risk", []):
+            risk[e["label"]] = {**e, "route": name}
+        for e in r.get("archive", {}).get("per_series", []):
+            top = e["candidates"][0] if e["candidates"] else {}
+            p = 1.0 if e["copy_in_archive"] else top.get("probability", 0.0)
+            item = risk.setdefault(e["label"], {"label": e["label"], "pseudonym": e["pseudonym"], "route": name,
+                                                "probability": 0.0})
+            item["archive_probability"] = p
+            item["probability"] = max(item["probability"], p)
+    return sorted(risk.values(), key=lambda e: -e["probability"])[:limit]
+
+
+def summary(report: dict) -> list[str]:
+    """Plain-language lines for an information-governance officer."""
+    lines = []
+    for name, r in report["routes"].items():
+        ex = r.get("export")
+        if ex:
+            review, confident = ex["bands"]["review"], ex["bands"]["confident"]
+            line = (f"{name}: {ex['series']} images under {ex['pseudonyms']} pseudonyms. The node's own model links "
+                    f"{review['pairs']} pairs of pseudonyms as one person ({confident['pairs']} with high confidence)")
+            if "right" in review:
+                line += (f"; by the key {review['right']} of them are right, out of {ex['key']['true_pairs']} pairs "
+                         "that really are one person")
+            lines.append(line + ".")
+        ar = r.get("archive")
+        if ar:
+            line = (f"{name}: against the archive ({ar['archive_patients']} patients), {ar['bands']['review']} "
+                    f"exported images have a patient at review level or above")
+            if ar["copies_in_archive"]:
+                line += f"; {ar['copies_in_archive']} are in the archive as they are (a lookup re-identifies them)"
+            attack = ar.get("attack") or {}
+            if attack.get("queries"):
+                line += (f"; by the key the nearest archive patient is the right person for {attack['rank1']:.0%} "
+                         f"of {attack['queries']} images (Rank-1)")
+            lines.append(line + ".")
+    for name, why in report.get("not_audited", {}).items():
+        lines.append(f"{name}: not audited ({why}).")
+    h = report.get("headers")
+    if h:
+        left = ", ".join(f"{f['attribute']} ({f['files']} files)" for f in h["findings"][:8])
+        lines.append(f"Header: {len(h['findings'])} attributes that the DICOM confidentiality profile removes or "
+                     f"empties are still there" + (f": {left}" if left else "") + ".")
+        if h["private_attributes"]:
+            lines.append(f"Header: private attributes in {max(p['files'] for p in h['private_attributes'])} files "
+                         "(the profile removes them).")
+        if h.get("uids_in_archive"):
+            lines.append(f"Header: {h['uids_in_archive']} UIDs are the archive's own (not replaced).")
+        if h.get("pseudonyms_equal_to_patient_id"):
+            lines.append(f"Header: {len(h['pseudonyms_equal_to_patient_id'])} pseudonyms are the original Patient ID.")
+        lines.append(h["burned_in_text"][0].upper() + h["burned_in_text"][1:] + (f"; {h['burned_in_annotation_yes']} files say they carry "
+                                                         "burned-in annotation." if h["burned_in_annotation_yes"] else "."))
+    else:
+        lines.append("Header: not checked (the export is images with a manifest, no DICOM header); "
+                     "burned-in text not checked.")
+    risky = any(r.get("export", {}).get("bands", {}).get("review", {}).get("pairs") or
+                r.get("archive", {}).get("bands", {}).get("review") for r in report["routes"].values())
+    lines.append("What to do: " + ("the images themselves link people; removing header fields does not prevent "
+                                   "this. Share only under a data-use agreement that forbids re-identification, "
+                                   "give a person one pseudonym or leave out repeat images, or share fewer images."
+                                   if risky else "the node's models link no pseudonyms at its bands; header "
+                                   "findings above still need fixing before release."))
+    return lines
+
+
+def _thumbnail(paths: list[str], out: Path) -> bool:
+    from PIL import Image
+    try:
+        if paths[0].lower().endswith(".dcm") or not Path(paths[0]).suffix:
+            from models.inference.loading import load_series
+            image = np.asarray(load_series([Path(p) for p in paths]).images[0])
+            while image.ndim > 2:
+                image = image[image.shape[0] // 2] if image.shape[0] > 3 else image.mean(axis=0)
+            lo, hi = float(image.min()), float(image.max())
+            pic = Image.fromarray((255 * (image - lo) / max(hi - lo, 1e-9)).astype(np.uint8))
+        else:
+            pic = Image.open(paths[0]).convert("L")
+        pic.thumbnail((128, 128))
+        pic.save(out)
+        return True
+    except Exception:  # noqa: BLE001 - a thumbnail that cannot be drawn is left out, the figures stand
+        return False
+
+
+def _histogram(route: dict, out: Path) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.hist(route["nearest_cosine"], bins=40, alpha=.7, label="each image's nearest other pseudonym")
+    for name, value in (route.get("thresholds") or {}).items():
+        if value is not None:
+            ax.axvline(value, color="red" if "confident" in name else "orange", label=name.replace("_", " "))
+    ax.set_xlabel("cosine similarity"), ax.set_ylabel("images"), ax.legend(fontsize=7), ax.set_title(route["route"])
+    fig.tight_layout(), fig.savefig(out, dpi=100), plt.close(fig)
+    return out.name
+
+
+def write(report: dict, out: Path, export_series: dict[str, list[str]]) -> dict:
+    """report.json, index.html, plots/ and thumbs/ in `out`; returns the JSON written."""
+    from models.evaluation.report import plot_results
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for name, r in report["routes"].items():
+        ex, ar = r.get("export"), r.get("archive")
+        plots = []
+        if ex and ex.get("nearest_cosine"):
+            plots.append(f"plots/{_histogram(ex, out / 'plots' / f'{name}-nearest.png')}")
+        if ex and ex.get("metrics"):
+            folder = out / "plots" / f"{name}-export"
+            folder.mkdir(exist_ok=True)
+            plots += [f"plots/{name}-export/{p}" for p in plot_results({"within the export": ex["metrics"]}, folder)]
+        if ar and (ar.get("attack") or {}).get("queries"):
+            folder = out / "plots" / f"{name}-archive"
+            folder.mkdir(exist_ok=True)
+            plots += [f"plots/{name}-archive/{p}" for p in plot_results({"against the archive": ar["attack"]}, folder)]
+        r["plots"] = plots
+    report["at_risk"] = at_risk(report["routes"])
+    (out / "thumbs").mkdir(exist_ok=True)
+    for e in report["at_risk"]:
+        if _thumbnail(export_series.get(e["label"], []), out / "thumbs" / f"{e['label']}.png"):
+            e["thumbnail"] = f"thumbs/{e['label']}.png"
+    report["summary"] = summary(report)
+    clean = _plain(report)
+    (out / "report.json").write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    (out / "index.html").write_text(page(clean), encoding="utf-8")
+    return clean
+
+
+def _plain(value):
+    """JSON-able: private entries (key starting with _) and the metrics' curves left out, arrays as lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def page(report: dict) -> str:
+    e = html.escape
+    rows = []
+    for name, r in report["routes"].items():
+        ex, ar = r.get("export") or {}, r.get("archive") or {}
+        b = ex.get("bands", {})
+        attack = ar.get("attack") or {}
+        rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in (
+            name, ex.get("series", ""), ex.get("pseudonyms", ""), b.get("review", {}).get("pairs", ""),
+            b.get("confident", {}).get("pairs", ""), b.get("review", {}).get("right", "-"),
+            (ex.get("key") or {}).get("true_pairs", "-"), ar.get("copies_in_archive", "-"),
+            ar.get("bands", {}).get("review", "-"), f"{attack['rank1']:.3f}" if attack.get("queries") else "-",
+            f"{attack['tar_at_far_1e-3']:.3f}" if attack.get("queries") else "-")) + "</tr>")
+    risky = "".join(
+        f"<figure>{'<img src=%s>' % e(a['thumbnail']) if a.get('thumbnail') else ''}<figcaption>{e(a['label'])} "
+        f"{e(a['pseudonym'])} ({e(a['route'])}) P={a['probability']:.3f}</figcaption></figure>"
+        for a in report["at_risk"])
+    plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for r in report["routes"].values() for p in r.get("plots", []))
+    h = report.get("headers") or {}
+    findings = "".join(f"<tr><td>{e(f['attribute'])} {e(f['tag'])}</td><td>{e(f['action'])}</td><td>{e(f['category'])}"
+                       f"</td><td>{f['files']}</td><td>{e(f['left'])}</td></tr>" for f in h.get("findings", []))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Privacy audit</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}} figure{{display:inline-block;margin:4px}}
+img{{max-width:360px}}</style></head><body>
+<h1>Privacy audit of a de-identified export</h1>
+<p>{e(report['export'])} ({e(report['input'])}); pseudonyms only: archive patients are shown as numbers.</p>
+<h2>Summary</h2><ul>{''.join(f'<li>{e(line)}</li>' for line in report['summary'])}</ul>
+<h2>Risk per route</h2>
+<table><tr><th>route</th><th>images</th><th>pseudonyms</th><th>pairs linked (review+)</th><th>confident</th>
+<th>right (key)</th><th>true pairs (key)</th><th>copies in archive</th><th>archive match (review+)</th>
+<th>Rank-1 (key)</th><th>TAR@FAR 1e-3 (key)</th></tr>{''.join(rows)}</table>
+<h2>Images most at risk</h2>{risky or '<p>none</p>'}
+<h2>Plots</h2>{plots or '<p>none</p>'}
+<h2>Header check</h2><p>{e(h.get('profile', 'not checked: no DICOM header'))}</p>
+<table><tr><th>attribute</th><th>action</th><th>category</th><th>files</th><th>finding</th></tr>{findings}</table>
+<p>{e(h.get('burned_in_text', 'burned-in text not checked'))}</p>
+<p>Settings: {e(json.dumps(report['settings']))}</p>
+</body></html>
+"""

@@ -1,0 +1,209 @@
+"""`dicom-node privacy-audit`: a synthetic cohort exported with a pseudonym per study is linked back as
+the truth says, the header check finds the attributes deliberately left in, the report carries no
+PHI; real radiographs converted to DICOM and de-identified are re-identified against the archive
+at the Rank-1 that `dicom-node evaluate` reports for the same images and model; bad input exits 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.cli import main
+from tests.helpers import node_config, write_toml
+
+REPO = Path(__file__).resolve().parents[1]
+ADULTS = REPO.parent / "shared" / "data" / "cxr-adult-figures" / "manifest.csv"
+ROUTE_OF = {"cxr": "chest_xr", "ct": "chest_ct", "mr": "brain_mr", "fundus": "fundus", "derm": "dermoscopy"}
+
+# what the test's de-identifier empties or removes (besides dates, times, UIDs and private attributes)
+STRIP = {"OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "IssuerOfPatientID",
+         "IssuerOfPatientIDQualifiersSequence", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+         "PatientAddress", "PatientBirthDate", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+         "PerformingPhysicianName", "OperatorsName", "InstitutionName", "InstitutionAddress",
+         "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "StudyDescription", "SeriesDescription",
+         "ImageComments", "ProtocolName", "DerivationDescription", "RequestedProcedureDescription",
+         "PerformedProcedureStepDescription", "PatientComments", "AdditionalPatientHistory", "PlateID", "DetectorID"}
+LEFT_IN = {"PatientBirthDate", "InstitutionName", "DeviceSerialNumber"}
+PATIENTS = 8                    # of cxr-adult-figures in test_b: every pair of images is checked by `evaluate`
+
+
+def _strip(ds) -> None:
+    for element in list(ds):
+        if element.VR == "SQ":
+            for item in element.value:
+                _strip(item)
+        keyword = element.keyword or ""
+        if keyword in STRIP or keyword.endswith(("Date", "Time", "DateTime")):
+            del ds[element.tag]
+
+
+def deidentify(source: Path, out: Path, pseudonym_of, leave_in: bool = True) -> dict[str, str]:
+    """Every DICOM file of `source` into `out` under the pseudonym `pseudonym_of(ds)` with new UIDs, the
+    header emptied as a de-identifier would; with `leave_in`, LEFT_IN and a private attribute stay behind.
+    Returns the key: pseudonym -> original Patient ID."""
+    key = {}
+    for n, path in enumerate(sorted(source.rglob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        original = {k: ds.get(k) for k in LEFT_IN}
+        pseudonym = pseudonym_of(ds)
+        key[pseudonym] = str(ds.PatientID)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if keyword in ds:
+                setattr(ds, keyword, generate_uid(entropy_srcs=["audit-test", str(ds.get(keyword))]))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        _strip(ds)
+        ds.remove_private_tags()
+        ds.PatientID, ds.PatientName = pseudonym, pseudonym
+        ds.PatientIdentityRemoved = "YES"
+        if leave_in:
+            ds.PatientBirthDate = original["PatientBirthDate"] or "19700101"
+            ds.InstitutionName = original["InstitutionName"] or "ST ELSEWHERE"
+            ds.DeviceSerialNumber = original["DeviceSerialNumber"] or "SN-0042"
+            ds.private_block(0x0011, "ACME AUDIT 1.0", create=True).add_new(0x01, "LO", "kept by mistake")
+        target = out / f"{n:05d}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    return key
+
+
+def write_key(path: Path, key: dict[str, str]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["pseudonym", "patient_id"])
+        writer.writerows(sorted(key.items()))
+    return path
+
+
+def config(tmp_path: Path) -> Path:
+    cfg = node_config(tmp_path, pipeline={"enabled": False, "device": "cpu",
+                                          "weights_dir": str(REPO / "models" / "weights")},
+                      linkage={"enabled": False})
+    return write_toml(tmp_path / "node.toml", cfg)
+
+
+def test_a_cohort_exported_per_study_is_linked_as_the_truth_says_and_headers_left_in_are_found(
+        small_cohort, tmp_path):
+    truth = json.loads((small_cohort / "truth.json").read_text())
+    study = {s["study_uid"]: s for s in truth["studies"]}
+    pseudonyms: dict[str, str] = {}
+
+    def per_study(ds) -> str:
+        return pseudonyms.setdefault(ds.StudyInstanceUID, f"PS{len(pseudonyms) + 1:04d}")
+
+    export = tmp_path / "export"
+    deidentify(small_cohort, export, per_study)
+    person = {p: study[uid]["person_id"] for uid, p in pseudonyms.items()}           # the key: pseudonym -> person
+    route_of = {p: ROUTE_OF[study[uid]["modality"]] for uid, p in pseudonyms.items()}
+    key = write_key(tmp_path / "key.csv", person)
+    out = tmp_path / "report"
+    assert main(["--config", str(config(tmp_path)), "privacy-audit", str(export), "--key", str(key),
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+
+    for route, r in report["routes"].items():
+        ex = r["export"]
+        mine = [p for p in pseudonyms.values() if route_of[p] == route]
+        true_pairs = {frozenset(pair) for pair in combinations(mine, 2) if person[pair[0]] == person[pair[1]]}
+        assert ex["pseudonyms"] == len(mine) and ex["key"]["true_pairs"] == len(true_pairs), route
+        linked = ex["linked"]
+        assert all(e["right"] == (frozenset((e["a"], e["b"])) in true_pairs) for e in linked), route
+        assert all(route_of[e["a"]] == route_of[e["b"]] == route for e in linked)
+        review, confident = ex["bands"]["review"], ex["bands"]["confident"]
+        assert review["pairs"] == len(linked) and confident["pairs"] == sum(e["band"] == "confident" for e in linked)
+        assert review["right"] == sum(e["right"] for e in linked) and review["wrong"] == len(linked) - review["right"]
+        assert all(e["probability"] >= 0.5 for e in linked)
+    # scored against the truth: the models link half the persons' pseudonym pairs back together, and a
+    # linked pair is one person far more often than a pair drawn at random (near-twins make the rest)
+    found = sum(r["export"]["bands"]["review"]["right"] for r in report["routes"].values())
+    linked = sum(r["export"]["bands"]["review"]["pairs"] for r in report["routes"].values())
+    total = sum(r["export"]["key"]["true_pairs"] for r in report["routes"].values())
+    pairs = sum(r["export"]["pseudonym_pairs"] for r in report["routes"].values())
+    assert total == sum(1 for a, b in combinations(pseudonyms.values(), 2)
+                        if person[a] == person[b] and route_of[a] == route_of[b])
+    assert found >= total / 2 and found / linked > 5 * total / pairs, (found, linked, total, pairs)
+
+    headers = report["headers"]
+    assert {f["attribute"] for f in headers["findings"]} == LEFT_IN
+    assert [p["creator"] for p in headers["private_attributes"]] == ["(0011,xx) ACME AUDIT 1.0"]
+    assert all(f["files"] == headers["files"] for f in headers["findings"])
+    assert "burned-in text not checked" in headers["burned_in_text"]
+    # the report shows pseudonyms only: no original Patient ID, name or header value
+    page = (out / "index.html").read_text() + (out / "report.json").read_text()
+    originals = {s["patient_id"] for s in truth["studies"]} | {s["registered"]["name"] for s in truth["studies"]}
+    assert not [o for o in originals if o and o in page]
+    assert "kept by mistake" not in page and "SN-0042" not in page
+    assert report["at_risk"] and all(a["pseudonym"] in person for a in report["at_risk"])
+    assert any((out / a["thumbnail"]).is_file() for a in report["at_risk"] if a.get("thumbnail"))
+
+
+@pytest.mark.skipif(not ADULTS.is_file(), reason=f"real data not present at {ADULTS} (../shared/data)")
+def test_b_real_radiographs_are_reidentified_at_the_rank1_evaluate_reports(tmp_path):
+    """PATIENTS patients of cxr-adult-figures (a test set: reported on, nothing chosen on it) converted to DICOM and
+    stored as the archive; the same images de-identified (a pseudonym per study) are the export."""
+    with open(ADULTS, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = set(sorted({r["patient_id"] for r in rows})[:PATIENTS])
+    small = tmp_path / "manifest.csv"
+    with open(small, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "image": str(ADULTS.parent / r["image"])} for r in rows if r["patient_id"] in keep)
+    cfg = str(config(tmp_path))
+    converted = tmp_path / "converted"
+    assert main(["convert", "--manifest", str(small), "--out", str(converted), "--quiet"]) == 0
+    assert main(["--config", cfg, "db", "upgrade"]) == 0
+    assert main(["--config", cfg, "import", *map(str, sorted(converted.rglob("*.dcm")))]) == 0
+    assert main(["--config", cfg, "process", "--until-idle", "--stable-now"]) == 0
+
+    studies: dict[str, str] = {}
+    key = deidentify(converted, tmp_path / "export",
+                     lambda ds: studies.setdefault(ds.StudyInstanceUID, f"X{len(studies) + 1:03d}"), leave_in=False)
+    out = tmp_path / "report"
+    assert main(["--config", cfg, "privacy-audit", str(tmp_path / "export"), "--against-store",
+                 "--key", str(write_key(tmp_path / "key.csv", key)), "--out", str(out)]) == 0
+    archive = json.loads((out / "report.json").read_text())["routes"]["chest_xr"]["archive"]
+
+    assert main(["--config", cfg, "evaluate", "--route", "chest_xr", "--from-db", "--baseline-backbone", "none",
+                 "--json", str(tmp_path / "evaluate.json")]) == 0
+    evaluated = json.loads((tmp_path / "evaluate.json").read_text())["results"]
+    cosine = evaluated.get("embedding only", evaluated["model"])        # the audit scores the embeddings' cosine
+    attack = archive["attack"]
+    assert archive["copies_in_archive"] == archive["series"] == cosine["images"] == len(key)
+    assert attack["queries"] == cosine["queries"] and attack["patients"] == cosine["patients"] == PATIENTS
+    assert attack["rank1"] == pytest.approx(cosine["rank1"])
+    # the attack ranks archive patients (an impostor's several images take one rank), evaluate ranks images
+    assert attack["rank5"] >= cosine["rank5"]
+    assert 0 < attack["rank1"] < 1
+    assert all(e["candidates"] and all(c["archive_patient"] >= 1 for c in e["candidates"])
+               for e in archive["per_series"])
+
+
+def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys):
+    cfg = str(config(tmp_path))
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("not DICOM")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,patient_id\nmissing.png,A\n")
+    bad_key = tmp_path / "key.csv"
+    bad_key.write_text("id,original\nA,B\n")
+    cases = {
+        (str(tmp_path / "absent"),): "no such file or folder",
+        (str(manifest),): "needs --route",
+        (str(export), "--route", "chest_xr"): "--route is for a manifest export",
+        (str(export),): "no DICOM image files found",
+        (str(export), "--key", str(bad_key)): "needs columns pseudonym and patient_id",
+        (str(manifest), "--route", "chest_xr"): "image(s) not found",
+        (str(export), "--against-store"): "dicom-node db upgrade",
+    }
+    for args, message in cases.items():
+        assert main(["--config", cfg, "privacy-audit", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
