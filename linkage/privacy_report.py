@@ -105,16 +105,19 @@ def _thumbnail(paths: list[str], out: Path) -> bool:
         return False
 
 
-def _histogram(route: dict, out: Path) -> str:
+def _histograms(routes: dict, out: Path) -> str:
+    """Per route: each exported image's nearest cosine to another pseudonym, with the bands' cosines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.hist(route["nearest_cosine"], bins=40, alpha=.7, label="each image's nearest other pseudonym")
-    for name, value in (route.get("thresholds") or {}).items():
-        if value is not None:
-            ax.axvline(value, color="red" if "confident" in name else "orange", label=name.replace("_", " "))
-    ax.set_xlabel("cosine similarity"), ax.set_ylabel("images"), ax.legend(fontsize=7), ax.set_title(route["route"])
+    shown = {name: r["export"] for name, r in routes.items() if r.get("export", {}).get("nearest_cosine")}
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for ax, (name, ex) in zip(axes[0], shown.items()):
+        ax.hist(ex["nearest_cosine"], bins=30, alpha=.7, label="nearest other pseudonym")
+        for band, value in (ex.get("thresholds") or {}).items():
+            if value is not None:
+                ax.axvline(value, color="red" if "confident" in band else "orange", label=band.replace("_", " "))
+        ax.set_xlabel("cosine similarity"), ax.set_ylabel("images"), ax.legend(fontsize=7), ax.set_title(name)
     fig.tight_layout(), fig.savefig(out, dpi=100), plt.close(fig)
     return out.name
 
@@ -124,21 +127,19 @@ def write(report: dict, out: Path, export_series: dict[str, list[str]]) -> dict:
     from models.evaluation.report import plot_results
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    for name, r in report["routes"].items():
-        ex, ar = r.get("export"), r.get("archive")
-        plots = []
-        if ex and ex.get("nearest_cosine"):
-            plots.append(f"plots/{_histogram(ex, out / 'plots' / f'{name}-nearest.png')}")
-        if ex and ex.get("metrics"):
-            folder = out / "plots" / f"{name}-export"
-            folder.mkdir(exist_ok=True)
-            plots += [f"plots/{name}-export/{p}" for p in plot_results({"within the export": ex["metrics"]}, folder)]
-        if ar and (ar.get("attack") or {}).get("queries"):
-            folder = out / "plots" / f"{name}-archive"
-            folder.mkdir(exist_ok=True)
-            plots += [f"plots/{name}-archive/{p}" for p in plot_results({"against the archive": ar["attack"]}, folder)]
-        r["plots"] = plots
-    report["at_risk"] = at_risk(report["routes"])
+    routes, plots = report["routes"], []
+    if any(r.get("export", {}).get("nearest_cosine") for r in routes.values()):
+        plots.append(f"plots/{_histograms(routes, out / 'plots' / 'nearest.png')}")
+    # with a key: ROC, CMC and score histograms of the export (leave-one-out) and of the attack on the archive
+    for part, results in (("export", {n: r["export"]["metrics"] for n, r in routes.items()
+                                      if r.get("export", {}).get("metrics", {}).get("queries")}),
+                          ("archive", {n: r["archive"]["attack"] for n, r in routes.items()
+                                       if r.get("archive", {}).get("attack", {}).get("queries")})):
+        if results:
+            (out / "plots" / part).mkdir(exist_ok=True)
+            plots += [f"plots/{part}/{p}" for p in plot_results(results, out / "plots" / part)]
+    report["plots"] = plots
+    report["at_risk"] = at_risk(routes)
     (out / "thumbs").mkdir(exist_ok=True)
     for e in report["at_risk"]:
         if _thumbnail(export_series.get(e["label"], []), out / "thumbs" / f"{e['label']}.png"):
@@ -180,7 +181,7 @@ def page(report: dict) -> str:
         f"<figure>{'<img src=%s>' % e(a['thumbnail']) if a.get('thumbnail') else ''}<figcaption>{e(a['label'])} "
         f"{e(a['pseudonym'])} ({e(a['route'])}) P={a['probability']:.3f}</figcaption></figure>"
         for a in report["at_risk"])
-    plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for r in report["routes"].values() for p in r.get("plots", []))
+    plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in report.get("plots", []))
     h = report.get("headers") or {}
     findings = "".join(f"<tr><td>{e(f['attribute'])} {e(f['tag'])}</td><td>{e(f['action'])}</td><td>{e(f['category'])}"
                        f"</td><td>{f['files']}</td><td>{e(f['left'])}</td></tr>" for f in h.get("findings", []))

@@ -141,6 +141,8 @@ def test_a_cohort_exported_per_study_is_linked_as_the_truth_says_and_headers_lef
     assert "kept by mistake" not in page and "SN-0042" not in page
     assert report["at_risk"] and all(a["pseudonym"] in person for a in report["at_risk"])
     assert any((out / a["thumbnail"]).is_file() for a in report["at_risk"] if a.get("thumbnail"))
+    assert {"plots/nearest.png", "plots/export/cmc.png", "plots/export/scores.png"} <= set(report["plots"])
+    assert all((out / p).is_file() for p in report["plots"])
 
 
 @pytest.mark.skipif(not ADULTS.is_file(), reason=f"real data not present at {ADULTS} (../shared/data)")
@@ -168,7 +170,9 @@ def test_b_real_radiographs_are_reidentified_at_the_rank1_evaluate_reports(tmp_p
     out = tmp_path / "report"
     assert main(["--config", cfg, "privacy-audit", str(tmp_path / "export"), "--against-store",
                  "--key", str(write_key(tmp_path / "key.csv", key)), "--out", str(out)]) == 0
-    archive = json.loads((out / "report.json").read_text())["routes"]["chest_xr"]["archive"]
+    report = json.loads((out / "report.json").read_text())
+    archive = report["routes"]["chest_xr"]["archive"]
+    assert "plots/archive/cmc.png" in report["plots"] and (out / "plots" / "archive" / "cmc.png").is_file()
 
     assert main(["--config", cfg, "evaluate", "--route", "chest_xr", "--from-db", "--baseline-backbone", "none",
                  "--json", str(tmp_path / "evaluate.json")]) == 0
