@@ -187,6 +187,14 @@ def test_b_real_radiographs_are_reidentified_at_the_rank1_evaluate_reports(tmp_p
     assert 0 < attack["rank1"] < 1
     assert all(e["candidates"] and all(c["archive_patient"] >= 1 for c in e["candidates"])
                for e in archive["per_series"])
+    # the de-identifier replaced every UID: none of the export's is the archive's own
+    assert report["headers"]["uids_in_archive"] == 0 and report["headers"]["uids_checked"] == 3 * len(key)
+    kept = pydicom.dcmread(next(converted.rglob("*.dcm")), stop_before_pixels=True)
+    from db.engine import make_engine
+    from db.links import LinkStore
+    originals = {kept.StudyInstanceUID, kept.SeriesInstanceUID, kept.SOPInstanceUID}
+    store = LinkStore(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    assert store.known_uids(originals | {generate_uid()}) == originals
 
 
 def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys):
@@ -211,3 +219,42 @@ def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys):
         assert main(["--config", cfg, "privacy-audit", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_a_manifest_export_is_audited_with_the_route_given_and_says_its_header_is_not_checked(tmp_path, capsys):
+    from tests.helpers import write_image_manifest
+    original = write_image_manifest(tmp_path / "images", patients=5, per=2)
+    with open(original, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if not r["duplicate_of"]]
+    manifest = tmp_path / "images" / "export.csv"                  # a pseudonym per image
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "patient_id"])
+        writer.writerows((r["image"], f"PX{k}") for k, r in enumerate(rows))
+    key = write_key(tmp_path / "key.csv", {f"PX{k}": f"MRN-{r['patient_id']}" for k, r in enumerate(rows)})
+    assert main(["--config", str(config(tmp_path)), "privacy-audit", str(manifest), "--route", "chest_xr",
+                 "--key", str(key)]) == 0
+    printed = capsys.readouterr().out
+    assert "chest_xr: 10 images under 10 pseudonyms" in printed
+    assert "out of 5 pairs that really are one person" in printed
+    assert "Header: not checked" in printed and "MRN" not in printed
+
+
+def test_the_header_check_names_uids_of_the_archive_and_pseudonyms_that_are_the_patient_id():
+    from pydicom.dataset import Dataset
+
+    from linkage.privacy_headers import HeaderTally
+    tally = HeaderTally()
+    for pid, name in (("P1", "P1"), ("MRN7", "DOE^JANE")):
+        ds = Dataset()
+        ds.PatientID, ds.PatientName, ds.StudyDate = pid, name, "20200101"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (f"1.2.{pid[-1]}.{k}" for k in (1, 2, 3))
+        ds.LongitudinalTemporalInformationModified = "MODIFIED" if pid == "P1" else "UNMODIFIED"
+        tally.add(ds, pid)
+    result = tally.result(uids_in_archive={"1.2.7.1", "9.9"}, key={"P1": "MRN1", "MRN7": "MRN7"},
+                          pseudonyms={"P1", "MRN7"})
+    # a name that is the pseudonym is the dummy value; a date is kept only where marked shifted
+    assert [(f["attribute"], f["files"], f["pseudonyms"]) for f in result["findings"]] == [
+        ("StudyDate", 1, ["MRN7"]), ("PatientName", 1, ["MRN7"])]
+    assert result["uids_in_archive"] == 1 and result["uids_checked"] == 6 and result["dates_marked_modified"] == 1
+    assert result["pseudonyms_equal_to_patient_id"] == ["MRN7"]
