@@ -18,17 +18,18 @@ THUMBNAILS = 12
 
 def at_risk(routes: dict, limit: int = THUMBNAILS) -> list[dict]:
     """The exported series most at risk: by the higher of their best link inside the export and their
-    best archive candidate (probabilities as the node decides them)."""
+    best archive candidate (probabilities as the node decides them). An image that is in the archive
+    as it is (copy_in_archive) is marked, not ranked first: every export from this archive is."""
     risk: dict[str, dict] = {}
     for name, r in routes.items():
         for e in r.get("export", {}).get("at_risk", []):
             risk[e["label"]] = {**e, "route": name}
         for e in r.get("archive", {}).get("per_series", []):
             top = e["candidates"][0] if e["candidates"] else {}
-            p = 1.0 if e["copy_in_archive"] else top.get("probability", 0.0)
+            p = top.get("probability", 0.0)
             item = risk.setdefault(e["label"], {"label": e["label"], "pseudonym": e["pseudonym"], "route": name,
                                                 "probability": 0.0})
-            item["archive_probability"] = p
+            item.update(archive_probability=p, copy_in_archive=e["copy_in_archive"])
             item["probability"] = max(item["probability"], p)
     return sorted(risk.values(), key=lambda e: -e["probability"])[:limit]
 
@@ -38,7 +39,10 @@ def summary(report: dict) -> list[str]:
     lines = []
     for name, r in report["routes"].items():
         ex = r.get("export")
-        if ex:
+        if ex and not ex["calibrated"]:
+            lines.append(f"{name}: {ex['series']} images; the model has no calibration, so the node links nothing "
+                         "on these images (cosines only in the report).")
+        elif ex:
             review, confident = ex["bands"]["review"], ex["bands"]["confident"]
             line = (f"{name}: {ex['series']} images under {ex['pseudonyms']} pseudonyms. The node's own model links "
                     f"{review['pairs']} pairs of pseudonyms as one person ({confident['pairs']} with high confidence)")
@@ -51,14 +55,15 @@ def summary(report: dict) -> list[str]:
             line = (f"{name}: against the archive ({ar['archive_patients']} patients), {ar['bands']['review']} "
                     f"exported images have a patient at review level or above")
             if ar["copies_in_archive"]:
-                line += f"; {ar['copies_in_archive']} are in the archive as they are (a lookup re-identifies them)"
+                line += (f"; {ar['copies_in_archive']} are the archive's own images (whoever holds the archive finds "
+                         "them by lookup; the figures here are about the person's other images)")
             attack = ar.get("attack") or {}
             if attack.get("queries"):
                 line += (f"; by the key the nearest archive patient is the right person for {attack['rank1']:.0%} "
                          f"of {attack['queries']} images (Rank-1)")
             lines.append(line + ".")
-    for name, why in report.get("not_audited", {}).items():
-        lines.append(f"{name}: not audited ({why}).")
+    for why, count in report.get("not_audited", {}).items():
+        lines.append(f"{count} series not audited: {why}.")
     h = report.get("headers")
     if h:
         left = ", ".join(f"{f['attribute']} ({f['files']} files)" for f in h["findings"][:8])
@@ -137,7 +142,8 @@ def write(report: dict, out: Path, export_series: dict[str, list[str]]) -> dict:
                                        if r.get("archive", {}).get("attack", {}).get("queries")})):
         if results:
             (out / "plots" / part).mkdir(exist_ok=True)
-            plots += [f"plots/{part}/{p}" for p in plot_results(results, out / "plots" / part)]
+            gallery = "archive patients" if part == "archive" else "images"
+            plots += [f"plots/{part}/{p}" for p in plot_results(results, out / "plots" / part, gallery)]
     report["plots"] = plots
     report["at_risk"] = at_risk(routes)
     (out / "thumbs").mkdir(exist_ok=True)
@@ -179,8 +185,13 @@ def page(report: dict) -> str:
             f"{attack['tar_at_far_1e-3']:.3f}" if attack.get("queries") else "-")) + "</tr>")
     risky = "".join(
         f"<figure>{'<img src=%s>' % e(a['thumbnail']) if a.get('thumbnail') else ''}<figcaption>{e(a['label'])} "
-        f"{e(a['pseudonym'])} ({e(a['route'])}) P={a['probability']:.3f}</figcaption></figure>"
+        f"{e(a['pseudonym'])} ({e(a['route'])}) P={a['probability']:.3f}"
+        f"{' (in the archive as it is)' if a.get('copy_in_archive') else ''}</figcaption></figure>"
         for a in report["at_risk"])
+    linked = "".join(
+        f"<tr><td>{e(name)}</td><td>{e(x['a'])}</td><td>{e(x['b'])}</td><td>{x['probability']:.3f}</td>"
+        f"<td>{e(x['band'])}</td><td>{x['best_cosine']:.3f}</td><td>{e(str(x.get('right', '-')))}</td></tr>"
+        for name, r in report["routes"].items() for x in (r.get("export") or {}).get("linked", [])[:20])
     plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in report.get("plots", []))
     h = report.get("headers") or {}
     findings = "".join(f"<tr><td>{e(f['attribute'])} {e(f['tag'])}</td><td>{e(f['action'])}</td><td>{e(f['category'])}"
@@ -197,7 +208,11 @@ img{{max-width:360px}}</style></head><body>
 <table><tr><th>route</th><th>images</th><th>pseudonyms</th><th>pairs linked (review+)</th><th>confident</th>
 <th>right (key)</th><th>true pairs (key)</th><th>copies in archive</th><th>archive match (review+)</th>
 <th>Rank-1 (key)</th><th>TAR@FAR 1e-3 (key)</th></tr>{''.join(rows)}</table>
-<h2>Images most at risk</h2>{risky or '<p>none</p>'}
+<h2>Pairs of pseudonyms the node links as one person</h2>
+<table><tr><th>route</th><th>pseudonym</th><th>pseudonym</th><th>probability</th><th>band</th><th>best cosine</th>
+<th>right (key)</th></tr>{linked}</table>
+<h2>Images most at risk</h2><p>P: the node's probability that the image's person is found again, inside the export or
+in the archive (the archive's own copy of the image left out).</p>{risky or '<p>none</p>'}
 <h2>Plots</h2>{plots or '<p>none</p>'}
 <h2>Header check</h2><p>{e(h.get('profile', 'not checked: no DICOM header'))}</p>
 <table><tr><th>attribute</th><th>action</th><th>category</th><th>files</th><th>finding</th></tr>{findings}</table>
