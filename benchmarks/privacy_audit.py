@@ -28,6 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.linkage_accuracy import CONFIG as NODE_CONFIG  # noqa: E402 - the benchmarks' node.toml
+
+CONFIG = NODE_CONFIG + "[linkage]\nenabled = false\n"      # only the embeddings are needed
+
 # what `deidentify` removes (besides dates, times, UIDs and private attributes)
 STRIP = {"OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "IssuerOfPatientID",
          "IssuerOfPatientIDQualifiersSequence", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
@@ -38,21 +42,6 @@ STRIP = {"OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "Iss
          "PerformedProcedureStepDescription", "PatientComments", "AdditionalPatientHistory", "PlateID", "DetectorID"}
 # what `deidentify(..., leave_in=True)` leaves behind: attributes with a value, and a private attribute
 LEFT_IN = {"PatientBirthDate": "19700101", "InstitutionName": "ST ELSEWHERE", "DeviceSerialNumber": "SN-0042"}
-CONFIG = """[database]
-url = "sqlite:///{work}/node.db"
-sqlite_synchronous = "NORMAL"
-[storage]
-dir = "{work}/storage"
-fsync = false
-[pipeline]
-enabled = false
-device = "cpu"
-weights_dir = "{weights}"
-[linkage]
-enabled = false
-[web]
-enabled = false
-"""
 
 
 def _strip(ds) -> None:
