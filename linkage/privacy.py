@@ -22,7 +22,9 @@ same pixels are in the archive): counted apart, since anyone holding the archive
 it by a lookup, and left out of the ranking, which measures linking the person's other images.
 With the key: Rank-1 and CMC over the exported series whose person has other stored series, and
 the TAR at FAR 1e-3 of the attack (genuine = the person's best score, impostor = every other
-stored patient's), as models.evaluation.metrics computes them.
+stored patient's), as models.evaluation.metrics computes them. The rank and the impostor scores
+need every archive patient's score, so all stored series of the model are scored exactly (a matrix
+product per block of exported series), not the candidate index's top k (linkage.search).
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ from models.evaluation import metrics as M
 from models.inference.calibration import Calibration
 
 SAME_IMAGE = 0.9999
-BLOCK = 1024
+BLOCK_SCORES = 50_000_000      # scores held at once (float32: 200 MB): rows of a block = this / columns
 LISTED = 200
+
+
+def _block(columns: int) -> int:
+    return int(min(1024, max(1, BLOCK_SCORES // max(columns, 1))))
 
 
 def band_weight(probability: float, prior: float) -> float:
@@ -74,9 +80,10 @@ def linkability(series: list, calibration: Calibration | None, t: D.Thresholds,
     threshold = None
     if calibration is not None and calibration.a > 0:
         threshold = calibration.threshold_for_llr(min(band_weight(t.review, t.prior_same), t.max_image_llr))
-    for start in range(0, n, BLOCK):
-        s = v[start:start + BLOCK] @ v.T
-        s[codes[start:start + BLOCK, None] == codes[None, :]] = -np.inf       # same pseudonym: not a link
+    block = _block(n)
+    for start in range(0, n, block):
+        s = v[start:start + block] @ v.T
+        s[codes[start:start + block, None] == codes[None, :]] = -np.inf       # same pseudonym: not a link
         best = np.argmax(s, axis=1) if n > 1 else np.zeros(len(s), int)
         nearest[start:start + len(s)] = s[np.arange(len(s)), best]
         nearest_other[start:start + len(s)] = best
@@ -166,8 +173,9 @@ def reidentification(series: list, gallery: np.ndarray, patients: list[tuple[str
     for i, c in enumerate(codes):
         members[int(c)].append(i)
     per_series, genuine, impostor, ranks, copies = [], [], [], [], 0
-    for start in range(0, len(q), BLOCK):
-        s = q[start:start + BLOCK] @ gallery.T
+    block = _block(len(gallery))
+    for start in range(0, len(q), block):
+        s = q[start:start + block] @ gallery.T
         same = s >= SAME_IMAGE
         s = np.where(same, -np.inf, s)
         best = np.maximum.reduceat(s[:, order], starts, axis=1)              # (queries, patients)
