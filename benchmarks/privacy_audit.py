@@ -11,6 +11,7 @@ Steps: `dicom-node convert` -> `db upgrade` -> `import` -> `process --until-idle
 off: only the embeddings are needed) -> `deidentify` below -> `privacy-audit` (report in WORK/report)
 -> `evaluate --from-db --baseline-backbone none` (WORK/evaluate.json; with a card that checks image
 pairs this matches every pair of stored images: minutes for a few hundred). Prints both Rank-1s.
+`--ocr` audits with `--ocr` too (burned-in text; needs the tesseract program).
 
 `deidentify` is a test de-identifier, not a product one: new UIDs, the pseudonym as Patient ID and
 Patient Name, dates, names, IDs, descriptions and private attributes removed; it can leave chosen
@@ -98,7 +99,7 @@ def per_study():
     return lambda ds: seen.setdefault(str(ds.StudyInstanceUID), f"S{len(seen) + 1:04d}")
 
 
-def run(manifest: Path, work: Path, weights: Path, evaluate: bool = True) -> dict:
+def run(manifest: Path, work: Path, weights: Path, evaluate: bool = True, ocr: bool = False) -> dict:
     from dicom_node.cli import main
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "node.toml"
@@ -114,7 +115,8 @@ def run(manifest: Path, work: Path, weights: Path, evaluate: bool = True) -> dic
     cli("import", *map(str, sorted(converted.rglob("*.dcm"))))
     cli("process", "--until-idle", "--stable-now")
     key = write_key(work / "key.csv", deidentify(converted, work / "export", per_study()))
-    cli("privacy-audit", str(work / "export"), "--against-store", "--key", str(key), "--out", str(work / "report"))
+    cli("privacy-audit", str(work / "export"), "--against-store", "--key", str(key), "--out", str(work / "report"),
+        *(["--ocr"] if ocr else []))
     report = json.loads((work / "report" / "report.json").read_text())
     out = {"report": report}
     if evaluate:
@@ -130,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="empty folder for the archive, export and report")
     parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
     parser.add_argument("--no-evaluate", action="store_true", help="skip `evaluate --from-db`")
+    parser.add_argument("--ocr", action="store_true", help="audit with --ocr (burned-in text, Tesseract)")
     args = parser.parse_args(argv)
-    result = run(args.manifest, args.work.resolve(), args.weights_dir.resolve(), not args.no_evaluate)
+    result = run(args.manifest, args.work.resolve(), args.weights_dir.resolve(), not args.no_evaluate, args.ocr)
     for route, r in result["report"]["routes"].items():
         ex, attack = r["export"], (r.get("archive") or {}).get("attack") or {}
         bands = ex["bands"]
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{attack.get('rank1', float('nan')):.3f} Rank-5 {attack.get('rank5', float('nan')):.3f} "
               f"TAR@FAR1e-3 {attack.get('tar_at_far_1e-3', float('nan')):.3f} ({attack.get('queries', 0)} queries, "
               f"{r['archive']['archive_patients']} archive patients)")
+    ocr = result["report"].get("ocr")
+    if ocr:
+        print(f"burned-in text: words on {len(ocr['with_text'])} of {ocr['checked']} images ({ocr['method']})")
     if "evaluate" in result:
         for name, m in result["evaluate"]["results"].items():
             print(f"evaluate --from-db {name}: Rank-1 {m['rank1']:.3f} Rank-5 {m['rank5']:.3f} "

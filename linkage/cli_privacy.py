@@ -5,6 +5,7 @@ de-identified export? (linkage.privacy decides, linkage.privacy_input reads, lin
     --key CSV         pseudonym,patient_id: the de-identification key, to score the attack exactly
     --against-store   also match every exported image with the patients of the node's store
     --out DIR         report.json, index.html, plots/, thumbs/ (pseudonyms only)
+    --ocr             burned-in text: words Tesseract reads in each series' first image (counted, not shown)
 
 The printed summary and the report hold pseudonyms, export-local labels and counts, never the
 archive's Patient IDs or header values. Exit 2 on bad input.
@@ -45,6 +46,12 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
         return _fail("--route is for a manifest export; a DICOM folder is routed as the node routes it")
     settings = load_settings(args.config)
     weights = args.weights_dir or settings.resolve(settings.pipeline.weights_dir)
+    ocr = None
+    if args.ocr:
+        from linkage.privacy_pixels import ocr_available
+        ocr = ocr_available()
+        if ocr is None:
+            return _fail("--ocr needs the tesseract program (Debian: apt-get install tesseract-ocr)")
     try:
         key = I.read_key(args.key) if args.key else None
         store = _open_store(settings) if args.against_store else None
@@ -60,21 +67,22 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
             data = I.embed_manifest(export, args.route, weights, pick_device(settings.pipeline.device))
     except I.AuditInputError as error:
         return _fail(str(error))
-    report = audit(data, settings, weights, key, store)
+    report = audit(data, settings, weights, key, store, ocr)
     report.update(export=export.name, input=data.kind)
     for line in report["summary"] if not args.out else []:
         print(line)
     if args.out:
         from linkage.privacy_report import write
-        clean = write(report, args.out, {s.label: s.paths for s in data.series})
+        clean = write(report, args.out, {s.label: s.paths for s in data.images()})
         print("\n".join(clean["summary"]))
         print(f"report: {args.out}/index.html, {args.out}/report.json")
     return 0
 
 
-def audit(data, settings, weights: Path, key: dict | None, store) -> dict:
+def audit(data, settings, weights: Path, key: dict | None, store, ocr: str | None = None) -> dict:
     """The audit's figures as plain data: per route the export's linkability and (with a store) the
-    attack against the archive; the header check; what was not audited and why."""
+    attack against the archive; the header check; with `ocr` (Tesseract's version) burned-in text;
+    what was not audited and why."""
     from linkage.engine import model_calibrations, registry_cards, settings_thresholds
     from linkage.privacy import linkability, reidentification
     from linkage.privacy_input import store_gallery
@@ -104,6 +112,9 @@ def audit(data, settings, weights: Path, key: dict | None, store) -> dict:
                            "prior_same_person": t.prior_same, "max_image_llr": t.max_image_llr,
                            "score": "cosine of the embeddings, the model card's cosine calibration",
                            "key": key is not None, "against_store": store is not None}}
+    if ocr:
+        from linkage.privacy_pixels import burned_in_text
+        report["ocr"] = burned_in_text(data.images(), ocr)
     report["summary"] = summary(report)
     return report
 
@@ -120,6 +131,9 @@ def add_subcommands(subparsers) -> None:
                               help="match every exported image with the patients of the node's store")
     audit_parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                               help="report folder: index.html, report.json, plots/, thumbs/")
+    audit_parser.add_argument("--ocr", action="store_true",
+                              help="read burned-in text in the first image of each series (Tesseract; the report "
+                                   "counts words, never shows them)")
     audit_parser.add_argument("--route", default=None, help="a manifest export: the route whose model attacks it")
     audit_parser.add_argument("--weights-dir", type=Path, default=None,
                               help="registry folder (default pipeline.weights_dir)")

@@ -21,8 +21,8 @@ set); X/Z, X/D, Z/D, X/Z/D one of those. What is checked, per attribute anywhere
 - U (UIDs): always present (they are required); they are the archive's own when the node's store
   holds them (`uids_in_archive`, with --against-store), else nothing can be said.
 - private attributes (odd groups): removed by the basic profile.
-- Burned In Annotation (0028,0301) YES: the pixels carry text. The pixels are not read here
-  (no OCR): burned-in text is not checked.
+- Burned In Annotation (0028,0301) YES: the pixels carry text. The pixels are not read here:
+  `privacy-audit --ocr` reads them (linkage.privacy_pixels).
 
 Values are never returned: the report names attributes, counts files and lists pseudonyms only.
 """
@@ -119,7 +119,7 @@ BY_TAG = {tag: (keyword, action, category) for keyword, (tag, action, category) 
 LONGITUDINAL_MODIFIED = 0x00280303
 BURNED_IN = 0x00280301
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-NOT_CHECKED = "burned-in text not checked: the pixels are not read for text (no OCR on this node)"
+NOT_CHECKED = "burned-in text not checked by the header check: --ocr reads the pixels (linkage.privacy_pixels)"
 
 
 @dataclass

@@ -43,6 +43,11 @@ class ExportSet:
     headers: HeaderTally | None     # None for a manifest (no DICOM header to check)
     skipped: dict[str, int]         # why a series gave no embedding -> how many
     kind: str                       # "dicom" | "manifest"
+    unembedded: list[ExportSeries] = field(default_factory=list)    # those series (no vector), for the OCR
+
+    def images(self) -> list[ExportSeries]:
+        """Every series with pixels to look at: the embedded ones, then the others."""
+        return self.series + self.unembedded
 
 
 def read_key(path: Path) -> dict[str, str]:
@@ -104,12 +109,13 @@ def embed_dicom(folder: Path, settings, weights_dir: Path) -> ExportSet:
         raise AuditInputError(f"{folder}: no DICOM image files found")
     pipeline = SeriesPipeline(settings, weights_dir)
     uids = list(groups)
-    out, skipped = [], defaultdict(int)
+    out, skipped, unembedded = [], defaultdict(int), []
     for k in range(0, len(uids), settings.batch_size):
         chunk = uids[k:k + settings.batch_size]
         works = [SeriesWork(i, "", "", 0, groups[u]["modality"], groups[u]["body_part"], groups[u]["paths"])
                  for i, u in enumerate(chunk)]
         for uid, result in zip(chunk, pipeline.process_batch(works, Path("/"))):
+            g = groups[uid]
             if isinstance(result, SeriesError):
                 skipped["not readable as an image series"] += 1
                 continue
@@ -117,12 +123,14 @@ def embed_dicom(folder: Path, settings, weights_dir: Path) -> ExportSet:
             if embedding is None:
                 skipped[f"routed to {decision.route}: no identity model links it"
                         if decision.linkable else "not linkable (low route confidence or not anatomy)"] += 1
+                unembedded.append(ExportSeries("", g["pseudonym"], g["study"], (decision.route, "", ""),
+                                               np.empty(0, np.float32), g["paths"]))
                 continue
-            g = groups[uid]
             vector = np.frombuffer(embedding.vector, dtype="<f4").astype(np.float32)
             out.append(ExportSeries("", g["pseudonym"], g["study"],
                                     (embedding.route, embedding.model_name, embedding.model_version), vector, g["paths"]))
-    return ExportSet(_numbered(out), tally, dict(skipped), "dicom")
+    numbered = _numbered(out + unembedded)
+    return ExportSet(numbered[:len(out)], tally, dict(skipped), "dicom", numbered[len(out):])
 
 
 def embed_manifest(manifest: Path, route: str, weights_dir: Path, device) -> ExportSet:

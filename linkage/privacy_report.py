@@ -76,11 +76,17 @@ def summary(report: dict) -> list[str]:
             lines.append(f"Header: {h['uids_in_archive']} UIDs are the archive's own (not replaced).")
         if h.get("pseudonyms_equal_to_patient_id"):
             lines.append(f"Header: {len(h['pseudonyms_equal_to_patient_id'])} pseudonyms are the original Patient ID.")
-        lines.append(h["burned_in_text"][0].upper() + h["burned_in_text"][1:] + (f"; {h['burned_in_annotation_yes']} files say they carry "
-                                                         "burned-in annotation." if h["burned_in_annotation_yes"] else "."))
+        if h["burned_in_annotation_yes"]:
+            lines.append(f"Header: {h['burned_in_annotation_yes']} files say they carry burned-in annotation.")
     else:
-        lines.append("Header: not checked (the export is images with a manifest, no DICOM header); "
-                     "burned-in text not checked.")
+        lines.append("Header: not checked (the export is images with a manifest, no DICOM header).")
+    ocr = report.get("ocr")
+    if ocr:
+        lines.append(f"Burned-in text: the OCR read words on {len(ocr['with_text'])} of {ocr['checked']} images"
+                     + (f" ({', '.join(o['label'] for o in ocr['with_text'][:10])}): look at them before release"
+                        if ocr["with_text"] else "") + f" ({ocr['method']}).")
+    else:
+        lines.append("Burned-in text not checked: the pixels were not read for text (--ocr reads them).")
     risky = any(r.get("export", {}).get("bands", {}).get("review", {}).get("pairs") or
                 r.get("archive", {}).get("bands", {}).get("review") for r in report["routes"].values())
     lines.append("What to do: " + ("the images themselves link people; removing header fields does not prevent "
@@ -93,16 +99,10 @@ def summary(report: dict) -> list[str]:
 
 def _thumbnail(paths: list[str], out: Path) -> bool:
     from PIL import Image
+
+    from linkage.privacy_pixels import first_image
     try:
-        if paths[0].lower().endswith(".dcm") or not Path(paths[0]).suffix:
-            from models.inference.loading import load_series
-            image = np.asarray(load_series([Path(p) for p in paths]).images[0])
-            while image.ndim > 2:
-                image = image[image.shape[0] // 2] if image.shape[0] > 3 else image.mean(axis=0)
-            lo, hi = float(image.min()), float(image.max())
-            pic = Image.fromarray((255 * (image - lo) / max(hi - lo, 1e-9)).astype(np.uint8))
-        else:
-            pic = Image.open(paths[0]).convert("L")
+        pic = Image.fromarray(first_image(paths))
         pic.thumbnail((128, 128))
         pic.save(out)
         return True
@@ -196,6 +196,10 @@ def page(report: dict) -> str:
     h = report.get("headers") or {}
     findings = "".join(f"<tr><td>{e(f['attribute'])} {e(f['tag'])}</td><td>{e(f['action'])}</td><td>{e(f['category'])}"
                        f"</td><td>{f['files']}</td><td>{e(f['left'])}</td></tr>" for f in h.get("findings", []))
+    o = report.get("ocr")
+    ocr = (f"{o['method']}: words read on {len(o['with_text'])} of {o['checked']} images"
+           + "".join(f"; {x['label']} {x['pseudonym']} ({x['words']} words)" for x in o["with_text"])
+           if o else "burned-in text not checked (privacy-audit --ocr reads the pixels)")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Privacy audit</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
@@ -216,7 +220,7 @@ in the archive (the archive's own copy of the image left out).</p>{risky or '<p>
 <h2>Plots</h2>{plots or '<p>none</p>'}
 <h2>Header check</h2><p>{e(h.get('profile', 'not checked: no DICOM header'))}</p>
 <table><tr><th>attribute</th><th>action</th><th>category</th><th>files</th><th>finding</th></tr>{findings}</table>
-<p>{e(h.get('burned_in_text', 'burned-in text not checked'))}</p>
+<h2>Burned-in text</h2><p>{e(ocr)}</p>
 <p>Settings: {e(json.dumps(report['settings']))}</p>
 </body></html>
 """

@@ -6,6 +6,7 @@ at the Rank-1 that `dicom-node evaluate` reports for the same images and model; 
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 from itertools import combinations
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_b_real_radiographs_are_reidentified_at_the_rank1_evaluate_reports(tmp_p
     assert store.known_uids(originals | {generate_uid()}) == originals
 
 
-def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys):
+def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys, monkeypatch):
     cfg = str(config(tmp_path))
     export = tmp_path / "export"
     export.mkdir()
@@ -162,6 +163,9 @@ def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys):
         assert main(["--config", cfg, "privacy-audit", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+    monkeypatch.setenv("PATH", str(tmp_path))                # no tesseract program on the PATH
+    assert main(["--config", cfg, "privacy-audit", str(export), "--ocr"]) == 2
+    assert "--ocr needs the tesseract program" in capsys.readouterr().err
 
 
 def test_a_manifest_export_is_audited_with_the_route_given_and_says_its_header_is_not_checked(tmp_path, capsys):
@@ -201,3 +205,32 @@ def test_the_header_check_names_uids_of_the_archive_and_pseudonyms_that_are_the_
         ("StudyDate", 1, ["MRN7"]), ("PatientName", 1, ["MRN7"])]
     assert result["uids_in_archive"] == 1 and result["uids_checked"] == 6 and result["dates_marked_modified"] == 1
     assert result["pseudonyms_equal_to_patient_id"] == ["MRN7"]
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None,
+                    reason="privacy-audit --ocr needs Debian's tesseract-ocr (.ci/run installs it)")
+def test_ocr_finds_burned_in_text_and_the_report_counts_it_without_showing_it(tmp_path):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:512, 0:512]
+    body = 120 + 60 * np.exp(-((x - 256) ** 2 + (y - 256) ** 2) / (2 * 120 ** 2)) + rng.normal(0, 6, (512, 512))
+    (tmp_path / "images").mkdir()
+    rows = []
+    for k, text in enumerate(("DOE JOHN 1970-03-12", None, "SMITH ANNA WARD 7", None)):
+        picture = Image.fromarray(np.roll(body, 9 * k, axis=1).clip(0, 255).astype(np.uint8))
+        if text:
+            ImageDraw.Draw(picture).text((20, 20), text, fill=255, font=ImageFont.load_default(size=32))
+        picture.save(tmp_path / "images" / f"{k}.png")
+        rows.append(f"images/{k}.png,P{k}\n")
+    (tmp_path / "manifest.csv").write_text("image,patient_id\n" + "".join(rows))
+    assert main(["convert", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "dicom"),
+                 "--quiet"]) == 0
+    out = tmp_path / "report"
+    assert main(["--config", str(config(tmp_path)), "privacy-audit", str(tmp_path / "dicom"), "--ocr",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ocr"]["checked"] == 4 and report["ocr"]["unreadable"] == 0
+    assert sorted(o["pseudonym"] for o in report["ocr"]["with_text"]) == ["P0", "P2"]
+    page = (out / "index.html").read_text() + (out / "report.json").read_text()
+    assert "Tesseract" in page and not [w for w in ("DOE", "JOHN", "SMITH", "ANNA") if w in page]
