@@ -79,7 +79,8 @@ def linkability(series: list, calibration: Calibration | None, t: D.Thresholds,
     candidates: set[tuple[int, int]] = set()
     threshold = None
     if calibration is not None and calibration.a > 0:
-        threshold = calibration.threshold_for_llr(min(band_weight(t.review, t.prior_same), t.max_image_llr))
+        # float32 cosines: a hair below the band's cosine, so that no pair at the band's edge is missed
+        threshold = calibration.threshold_for_llr(min(band_weight(t.review, t.prior_same), t.max_image_llr)) - 1e-5
     block = _block(n)
     for start in range(0, n, block):
         s = v[start:start + block] @ v.T
