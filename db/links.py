@@ -16,7 +16,8 @@ from sqlalchemy.exc import IntegrityError
 
 from db.engine import make_sessionmaker
 from db.link_records import LinkRecords, _iso
-from db.models import Embedding, Link, LinkEvent, LinkKind, LinkStatus, MatchWeight, Patient, Series, SeriesState, Study
+from db.models import (Embedding, Instance, Link, LinkEvent, LinkKind, LinkStatus, MatchWeight, Patient, Series,
+                       SeriesState, Study)
 from db.records_linkage import LinkDraft, LinkEventView, LinkSide, LinkView, StoredEmbedding, StudyFacts
 from db.store import utcnow
 
@@ -84,6 +85,16 @@ class LinkStore(LinkRecords):
             return [StoredEmbedding(r.series_pk, r.study_pk, r.patient_pk, r.route,
                                     (r.route, r.model_name, r.model_version), r.vector)
                     for r in session.execute(query)]
+
+    def known_uids(self, uids: Iterable[str]) -> set[str]:
+        """The given UIDs that the store holds as a Study, Series or SOP Instance UID."""
+        wanted, found = sorted(set(uids)), set()
+        with self._read() as session:
+            for k in range(0, len(wanted), 500):
+                chunk = wanted[k:k + 500]
+                for column in (Study.study_uid, Series.series_uid, Instance.sop_instance_uid):
+                    found.update(session.execute(select(column).where(column.in_(chunk))).scalars())
+        return found
 
     def study_facts(self, study_pks: Iterable[int] | None = None, patient_pks: Iterable[int] | None = None
                     ) -> dict[int, StudyFacts]:

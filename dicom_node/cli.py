@@ -12,6 +12,7 @@ from pathlib import Path
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 from linkage.cli import add_subcommands as add_linkage_subcommands
+from linkage.cli_privacy import add_subcommands as add_privacy_subcommands
 from linkage.cli_records import add_subcommands as add_records_subcommands
 from models.cli import add_subcommands as add_training_subcommands
 from synth.cli import add_subcommands as add_synth_subcommands
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_subcommands(commands)
     add_linkage_subcommands(commands)      # links, review
     add_records_subcommands(commands)      # priors, export
+    add_privacy_subcommands(commands)      # privacy-audit
     add_user_subcommands(commands)         # user add/list/disable (web pages)
     return parser
 

@@ -185,7 +185,7 @@ def decide_same(a_studies: list[StudyFacts], b_studies: list[StudyFacts], pairs:
                 best = (rank, demo_weight, fields, a.study_pk, b.study_pk)
     _, demo_weight, fields, a_pk, b_pk = best
     total = image_weight + demo_weight
-    probability = _posterior(total, t.prior_same)
+    probability = posterior(total, t.prior_same)
     evidence = {"hypothesis": "same person", "fields": fields, "image": image,
                 "image_weight": round(image_weight, 3), "demographic_weight": round(demo_weight, 3),
                 "prior": t.prior_same, "studies_compared": [len(a_studies), len(b_studies)]}
@@ -206,7 +206,7 @@ def decide_misfiled(suspect: StudyFacts, others: list[StudyFacts], pairs: list[I
     scored.sort(key=lambda item: item[0])
     demo_weight, fields, _ = scored[len(scored) // 2]           # the median comparison
     belongs = image_weight + demo_weight
-    probability = _posterior(-belongs, t.prior_misfiled)
+    probability = posterior(-belongs, t.prior_misfiled)
     reference = max(pairs, key=lambda p: p.cosine).b_study_pk if pairs else scored[-1][2]
     evidence = {"hypothesis": "study belongs to its patient", "fields": fields, "image": image,
                 "image_weight": round(image_weight, 3), "demographic_weight": round(demo_weight, 3),
@@ -312,6 +312,7 @@ def to_draft(kind: str, key: str, decision: Decision, a_patient_pk: int, b_patie
                      decision.probability, decision.weight, decision.band, evidence)
 
 
-def _posterior(weight: float, prior: float) -> float:
+def posterior(weight: float, prior: float) -> float:
+    """P(hypothesis) from the total weight (natural log) and the prior: sigmoid(W + logit(prior))."""
     logit = weight + math.log(prior / (1 - prior))
     return 0.5 * (1.0 + math.tanh(0.5 * logit))

@@ -85,6 +85,19 @@ def load_cosine_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Cali
                          if card.get("calibration_cosine") else None)
 
 
+def settings_thresholds(cfg) -> D.Thresholds:
+    """The decision thresholds of node.toml's [linkage] section (dicom_node.config.LinkageSettings)."""
+    return D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
+                        cfg.prior_misfiled, cfg.max_image_llr, cfg.further_route_factor,
+                        cfg.max_image_total, cfg.worth_a_look_probability, cfg.study_dependence)
+
+
+def model_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Calibration | None]:
+    """Model key -> the calibration of the cosine alone: the card's `calibration`, or for a card with
+    verification (whose `calibration` is of cosine + bonus) its `calibration_cosine` (None where it has none)."""
+    return {**load_calibrations(cards), **load_cosine_calibrations(cards)}
+
+
 @dataclass
 class LinkStats:
     series: int = 0
@@ -120,9 +133,7 @@ class LinkageEngine:
         (used when `linkage.check_image_pairs` is on); `fingerprint(series_pk)`: a string that changes with
         the series' files, so their verification features can be kept on disk (`linkage.keep_check_features`)."""
         cfg = settings.linkage
-        thresholds = D.Thresholds(cfg.review_probability, cfg.confident_probability, cfg.prior_same_person,
-                                  cfg.prior_misfiled, cfg.max_image_llr, cfg.further_route_factor,
-                                  cfg.max_image_total, cfg.worth_a_look_probability, cfg.study_dependence)
+        thresholds = settings_thresholds(cfg)
         cards = registry_cards(settings.resolve(settings.pipeline.weights_dir))
         verification = load_verification_settings(cards)
         index_dir = settings.storage_dir / cfg.index_dir

@@ -9,9 +9,11 @@ from db.migrate import upgrade
 from db.store import IdentityStore
 from tests.helpers import (
     POSTGRES_ADMIN_URL,
+    SMALL_COHORT,
     RunningNode,
     _drop_postgres_database,
     _postgres_database,
+    make_cohort,
     node_config,
     write_toml,
 )
@@ -51,3 +53,10 @@ def start_node(tmp_path):
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """8 persons x 2 visits x all modalities, small sizes, many injected errors (2 workers): the synth
+    tests' cohort, also exported and audited by tests/test_privacy_audit.py."""
+    return make_cohort(tmp_path_factory.mktemp("synth"), "small", SMALL_COHORT + ["--jobs", "2"])

@@ -263,3 +263,17 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module         # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
+
+
+# the small synthetic cohort of tests/conftest.py's `small_cohort` (and tests/synth's variants of it)
+SMALL_COHORT = ["--patients", "8", "--visits", "2", "--seed", "11", "--preset", "small",
+                "--error-rate", "0.3", "--twin-rate", "0.3", "--sites", "3"]
+
+
+def make_cohort(root: Path, name: str, args: list[str]) -> Path:
+    """`dicom-node synth` in-process into root/name."""
+    from synth.cli import main as synth_main
+    out = root / name
+    rc = synth_main(["synth", "--out", str(out), "--quiet", *args])
+    assert rc == 0, f"synth {' '.join(args)} exited {rc}"
+    return out

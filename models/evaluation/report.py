@@ -48,7 +48,9 @@ def update_card(report: dict, weights_dir: Path, dataset: str) -> Path:
     return card_path
 
 
-def _plots(results: dict, out: Path) -> list[str]:
+def plot_results(results: dict, out: Path, gallery: str = "images") -> list[str]:
+    """roc.png, cmc.png and scores.png in `out` for results with curves (metrics.identity_metrics(curves=True));
+    `gallery` names what the CMC ranks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +69,7 @@ def _plots(results: dict, out: Path) -> list[str]:
     for name, r in results.items():
         ax.plot(np.arange(1, len(r["cmc"]) + 1), r["cmc"], marker=".", label=f"{name} (Rank-1 {r['rank1']:.3f})")
     ax.set_xlabel("rank"), ax.set_ylabel("identification rate"), ax.set_ylim(0, 1.02)
-    ax.set_title(f"CMC (gallery {next(iter(results.values()))['gallery_size']} images)"), ax.legend(fontsize=8)
+    ax.set_title(f"CMC (gallery {next(iter(results.values()))['gallery_size']} {gallery})"), ax.legend(fontsize=8)
     ax.grid(alpha=.3), fig.tight_layout(), fig.savefig(out / "cmc.png", dpi=100), plt.close(fig)
     files.append("cmc.png")
 
@@ -99,7 +101,7 @@ def write_report(report: dict, out: Path | None, json_path: Path | None = None) 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        clean["plots"] = _plots(results, out)
+        clean["plots"] = plot_results(results, out)
         (out / "metrics.json").write_text(json.dumps(clean, indent=2, default=float) + "\n", encoding="utf-8")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Session-scoped synthetic cohorts shared by the synth tests (generated once, in-process)."""
+"""Session-scoped synthetic cohorts shared by the synth tests (generated once, in-process); `small_cohort`
+is in tests/conftest.py, shared with the privacy audit's tests."""
 from __future__ import annotations
 
 import json
@@ -6,23 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from synth.cli import main as synth_main
-
-SMALL = ["--patients", "8", "--visits", "2", "--seed", "11", "--preset", "small",
-         "--error-rate", "0.3", "--twin-rate", "0.3", "--sites", "3"]
-
-
-def _make(root: Path, name: str, args: list[str]) -> Path:
-    out = root / name
-    rc = synth_main(["synth", "--out", str(out), "--quiet", *args])
-    assert rc == 0, f"synth {' '.join(args)} exited {rc}"
-    return out
-
-
-@pytest.fixture(scope="session")
-def small_cohort(tmp_path_factory) -> Path:
-    """8 persons x 2 visits x all modalities, small sizes, many injected errors (2 workers)."""
-    return _make(tmp_path_factory.mktemp("synth"), "small", SMALL + ["--jobs", "2"])
+from tests.helpers import SMALL_COHORT as SMALL
+from tests.helpers import make_cohort as _make
 
 
 @pytest.fixture(scope="session")
