@@ -66,7 +66,9 @@ class IdentityStore:
         if len(batch) > 1:
             try:
                 with self.engine.begin() as connection:
-                    for received in batch:
+                    # One lock order for every batch (patient, then series: the order `_record`
+                    # locks in), so that two receiver processes' batches cannot deadlock.
+                    for received in sorted(batch, key=_lock_order):
                         _record(connection, received, trust_absent=True)
                 return [None] * len(batch)
             except (SQLAlchemyError, DBAPIError):
@@ -179,6 +181,11 @@ class IdentityStore:
             query = query.where(func.lower(Patient.name).contains(term, autoescape=True) | Patient.id.in_(in_studies))
         with self._read_engine.connect() as connection:
             return list(connection.execute(query.order_by(Patient.id).limit(limit)).scalars())
+
+
+def _lock_order(received: Received) -> tuple[str, str, str, str]:
+    header = received.header
+    return header.patient.patient_id, header.patient.issuer, header.series_uid, header.sop_instance_uid
 
 
 def _aware(moment: datetime) -> datetime:
