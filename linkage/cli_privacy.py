@@ -46,6 +46,8 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
         return _fail("--route is for a manifest export; a DICOM folder is routed as the node routes it")
     settings = load_settings(args.config)
     weights = args.weights_dir or settings.resolve(settings.pipeline.weights_dir)
+    if not weights.is_dir():         # untrained networks would embed, and the audit would find nothing
+        return _fail(f"{weights}: no model registry folder (pipeline.weights_dir, or --weights-dir)")
     ocr = None
     if args.ocr:
         from linkage.privacy_pixels import ocr_available

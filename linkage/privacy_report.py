@@ -89,6 +89,12 @@ def summary(report: dict) -> list[str]:
         lines.append("Burned-in text not checked: the pixels were not read for text (--ocr reads them).")
     risky = any(r.get("export", {}).get("bands", {}).get("review", {}).get("pairs") or
                 r.get("archive", {}).get("bands", {}).get("review") for r in report["routes"].values())
+    judged = any(r.get("export", {}).get("calibrated") for r in report["routes"].values())
+    if not judged:
+        lines.append("What to do: the images were not judged (no calibrated identity model for them), so this audit "
+                     "says nothing on whether they link people; fix the header findings above and audit again "
+                     "with the node's trained models.")
+        return lines
     lines.append("What to do: " + ("the images themselves link people; removing header fields does not prevent "
                                    "this. Share only under a data-use agreement that forbids re-identification, "
                                    "give a person one pseudonym or leave out repeat images, or share fewer images."
@@ -192,7 +198,13 @@ def page(report: dict) -> str:
         f"<tr><td>{e(name)}</td><td>{e(x['a'])}</td><td>{e(x['b'])}</td><td>{x['probability']:.3f}</td>"
         f"<td>{e(x['band'])}</td><td>{x['best_cosine']:.3f}</td><td>{e(str(x.get('right', '-')))}</td></tr>"
         for name, r in report["routes"].items() for x in (r.get("export") or {}).get("linked", [])[:20])
-    plots = "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in report.get("plots", []))
+    groups = (("Within the export: each image's nearest other pseudonym, and with a key the export's own "
+               "ROC, CMC and scores", lambda p: not p.startswith("plots/archive/")),
+              ("Against the archive (with a key): ROC, CMC over archive patients, scores",
+               lambda p: p.startswith("plots/archive/")))
+    plots = "".join(f"<h3>{e(title)}</h3>" + "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in shown)
+                    for title, keep in groups
+                    for shown in [[p for p in report.get("plots", []) if keep(p)]] if shown)
     h = report.get("headers") or {}
     findings = "".join(f"<tr><td>{e(f['attribute'])} {e(f['tag'])}</td><td>{e(f['action'])}</td><td>{e(f['category'])}"
                        f"</td><td>{f['files']}</td><td>{e(f['left'])}</td></tr>" for f in h.get("findings", []))
@@ -219,8 +231,9 @@ img{{max-width:360px}}</style></head><body>
 in the archive (the archive's own copy of the image left out).</p>{risky or '<p>none</p>'}
 <h2>Plots</h2>{plots or '<p>none</p>'}
 <h2>Header check</h2><p>{e(h.get('profile', 'not checked: no DICOM header'))}</p>
-<table><tr><th>attribute</th><th>action</th><th>category</th><th>files</th><th>finding</th></tr>{findings}</table>
+{f"<table><tr><th>attribute</th><th>action</th><th>category</th><th>files</th><th>finding</th></tr>{findings}</table>"
+   if findings else ("<p>none found</p>" if h else "")}
 <h2>Burned-in text</h2><p>{e(ocr)}</p>
-<p>Settings: {e(json.dumps(report['settings']))}</p>
+<h2>Settings</h2><table>{''.join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in report['settings'].items())}</table>
 </body></html>
 """

@@ -158,6 +158,7 @@ def test_bad_input_is_refused_with_a_message_and_exit_2(tmp_path, capsys, monkey
         (str(export), "--key", str(bad_key)): "needs columns pseudonym and patient_id",
         (str(manifest), "--route", "chest_xr"): "image(s) not found",
         (str(export), "--against-store"): "dicom-node db upgrade",
+        (str(export), "--weights-dir", str(tmp_path / "no-models")): "no model registry folder",
     }
     for args, message in cases.items():
         assert main(["--config", cfg, "privacy-audit", *args]) == 2, args
@@ -234,3 +235,13 @@ def test_ocr_finds_burned_in_text_and_the_report_counts_it_without_showing_it(tm
     assert sorted(o["pseudonym"] for o in report["ocr"]["with_text"]) == ["P0", "P2"]
     page = (out / "index.html").read_text() + (out / "report.json").read_text()
     assert "Tesseract" in page and not [w for w in ("DOE", "JOHN", "SMITH", "ANNA") if w in page]
+
+
+def test_an_audit_without_a_calibrated_model_does_not_read_as_safe():
+    from linkage.privacy_report import summary
+    export = {"series": 4, "pseudonyms": 4, "calibrated": False,
+              "bands": {"review": {"pairs": 0}, "confident": {"pairs": 0}}}
+    lines = summary({"routes": {"chest_xr": {"export": export}}, "headers": None})
+    assert "the model has no calibration" in lines[0]
+    assert lines[-1].startswith("What to do: the images were not judged")
+    assert not any("link no pseudonyms" in line for line in lines)
