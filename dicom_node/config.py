@@ -144,7 +144,8 @@ class LinkageSettings(_Section):
     # 1: the median over them (one comparison's worth); below 1 they add up, m studies counting as
     # m / (1 + (m - 1) x study_dependence) independent ones (linkage.decide.study_set_evidence).
     study_dependence: float = Field(0.1, ge=0, le=1)
-    # Where the candidate index is saved between runs (relative to storage.dir).
+    # Where the candidate index is saved between runs (relative to storage.dir): each node its own
+    # under nodes/<node.instance>/, the checked series' features shared (linkage.engine.node_index_dir).
     index_dir: Path = Path("linkage-index")
     # Check compared image pairs geometrically for the models whose card asks for it
     # (models/inference/verification.py; reads the compared series' images again). Off: the cosine

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ from db.links import LinkStore
 from db.records_linkage import StoredEmbedding
 from linkage import decide as D
 from linkage.evidence import MatchWeights
-from linkage.search import CandidateIndex
+from linkage.search import MANIFEST, CandidateIndex
 from models.inference.calibration import Calibration
 from models.inference.verification import SeriesVerifier, VerificationSettings
 from models.inference.verification_files import FeatureFolder
@@ -98,6 +99,22 @@ def model_calibrations(cards: dict[ModelKey, dict]) -> dict[ModelKey, Calibratio
     return {**load_calibrations(cards), **load_cosine_calibrations(cards)}
 
 
+def node_index_dir(index_root: Path, instance: str) -> Path:
+    """This node's candidate index folder, `<index_root>/nodes/<instance>/`: the index is a cache of the
+    database that each node keeps and saves on its own, so nodes sharing a storage folder never save
+    over each other's. An index saved by an earlier version directly in `index_root` is moved in
+    (index files first, the manifest last: a move cut short leaves no manifest, and the index is
+    rebuilt from the database)."""
+    folder = index_root / "nodes" / instance
+    legacy = index_root / MANIFEST
+    if legacy.exists() and not (folder / MANIFEST).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in [*index_root.glob("*.faiss"), *index_root.glob("*.faiss.json"), legacy]:
+            os.replace(path, folder / path.name)
+        log.info("candidate index moved from %s to this node's folder %s", index_root, folder)
+    return folder
+
+
 @dataclass
 class LinkStats:
     series: int = 0
@@ -139,11 +156,12 @@ class LinkageEngine:
         index_dir = settings.storage_dir / cfg.index_dir
         verifier = None
         if verification and load_images and cfg.check_image_pairs:
+            # the checked series' features: content-addressed, written whole, shared by every node
             folder = (FeatureFolder(index_dir / "check-features", settings.storage.min_free_bytes)
                       if fingerprint and cfg.keep_check_features else None)
             verifier = SeriesVerifier(verification, load_images, folder=folder, fingerprint=fingerprint)
         return cls(store, thresholds, load_calibrations(cards), cfg.candidates, cfg.max_birth_date_block,
-                   index_dir, verifier, load_cosine_calibrations(cards))
+                   node_index_dir(index_dir, settings.instance_name), verifier, load_cosine_calibrations(cards))
 
     # ----- the work list ---------------------------------------------------------------
 

@@ -1,20 +1,23 @@
 """Several nodes, one archive: two `serve` processes (as on two receiver hosts) share one PostgreSQL
 database and one storage folder. They start together on an empty database, receive parts of the
 same study at once, and a kill -9 and restart of one loses nothing either acknowledged and leaves
-the other's writes in progress alone."""
+the other's writes in progress alone. Each keeps its own candidate index."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
+from linkage.engine import node_index_dir
+from linkage.search import MANIFEST, CandidateIndex
 from tests.helpers import RunningNode, _drop_postgres_database, module_database, node_config, write_toml
 from tests.test_crash_safety import Transfer, check_consistent, crash_during_transfer, make_instances, restart
 
-pytestmark = [pytest.mark.postgres, pytest.mark.timeout(240)]
 
-
+@pytest.mark.postgres
+@pytest.mark.timeout(240)
 def test_two_nodes_share_one_postgresql_database_and_storage_folder(tmp_path):
     url, database = module_database("postgresql", tmp_path)   # skips with a reason when no server answers
     nodes = []
@@ -65,3 +68,17 @@ def test_two_nodes_share_one_postgresql_database_and_storage_folder(tmp_path):
             node.stop()
         if database:
             _drop_postgres_database(database)
+
+
+def test_each_node_keeps_its_own_candidate_index_and_an_older_one_is_adopted(tmp_path):
+    root = tmp_path / "linkage-index"
+    saved = CandidateIndex()
+    saved.add(("chest_xr", "m", "1"), np.array([7]), np.eye(1, 4, dtype=np.float32))
+    saved.save(root)                                   # where an earlier version saved it
+    ours = node_index_dir(root, "host-a")
+    assert ours == root / "nodes" / "host-a" and not (root / MANIFEST).exists()
+    assert 7 in CandidateIndex.load(ours).get(("chest_xr", "m", "1"))
+    other = node_index_dir(root, "host-b")
+    assert CandidateIndex.load(other) is None          # the other node builds its own from the database
+    CandidateIndex().save(other)
+    assert 7 in CandidateIndex.load(node_index_dir(root, "host-a")).get(("chest_xr", "m", "1"))
