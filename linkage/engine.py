@@ -156,7 +156,8 @@ class LinkageEngine:
         index_dir = settings.storage_dir / cfg.index_dir
         verifier = None
         if verification and load_images and cfg.check_image_pairs:
-            # the checked series' features: content-addressed, written whole, shared by every node
+            # the checked series' features: per series, checked against its files' fingerprint, written
+            # whole under a temporary name: shared by every node
             folder = (FeatureFolder(index_dir / "check-features", settings.storage.min_free_bytes)
                       if fingerprint and cfg.keep_check_features else None)
             verifier = SeriesVerifier(verification, load_images, folder=folder, fingerprint=fingerprint)
