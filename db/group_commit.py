@@ -36,7 +36,7 @@ class GroupCommit(Generic[Row]):
         self._lock = threading.Lock()
         self._waiting: list[_Waiter[Row]] = []
         self._busy = False
-        self.batches = 0                # transactions committed, for tests and `status`
+        self.batches = 0                # transactions committed and the rows in them (tests read them)
         self.rows = 0
 
     def submit(self, row: Row) -> None:

@@ -201,7 +201,8 @@ _P, _ST, _SE, _I = Patient.__table__, Study.__table__, Series.__table__, Instanc
 _FIND_INSTANCE = select(_I.c.sha256, _I.c.path).where(_I.c.sop_instance_uid == bindparam("uid"))
 _FIND_PATIENT = select(_P.c.id, _P.c.issuer_qualifiers, _P.c.other_patient_ids, _P.c.name, _P.c.birth_date,
                        _P.c.sex).where(_P.c.patient_id == bindparam("pid"), _P.c.issuer == bindparam("issuer")).with_for_update()
-_FIND_STUDY = select(_ST.c.id.label("study_pk"), _ST.c.patient_pk).where(_ST.c.study_uid == bindparam("uid")).with_for_update()
+_FIND_STUDY = (select(_ST.c.id.label("study_pk"), _ST.c.patient_pk)
+               .where(_ST.c.study_uid == bindparam("uid")).with_for_update())
 # The series with its study in one look-up: for every instance after a series' first, the study's
 # own look-up is not needed.
 _FIND_SERIES = (select(_SE.c.id, _SE.c.state, _SE.c.last_received_at, _ST.c.study_uid, _ST.c.id.label("study_pk"),

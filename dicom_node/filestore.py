@@ -54,9 +54,10 @@ class FileStore:
         """Remove temp files a crash left in this store's folder for writes in progress (and its
         subfolders: receivers, imports); none was acknowledged."""
         removed = 0
-        # Files right under tmp/ were left by a version that wrote there; no writer does now.
+        # Files right under tmp/ were left by a version that wrote there; no writer does now. A
+        # node's own folder (tmp/<instance>) clears them, not its receivers' or imports' subfolders.
         legacy = self.root / "tmp"
-        strays = [*self.tmp.rglob("*"), *(legacy.iterdir() if legacy != self.tmp else [])]
+        strays = [*self.tmp.rglob("*"), *(legacy.iterdir() if self.tmp.parent == legacy else [])]
         for stray in strays:
             if not stray.is_dir():
                 stray.unlink(missing_ok=True)

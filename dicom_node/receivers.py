@@ -178,7 +178,8 @@ class ReceiverPool:
                 log.error("receiver %d (pid %d) exited with %s; starting a new one", index, process.pid,
                           process.exitcode)
                 self.slots.reset(index)
-                stray = FileStore(self.settings.storage_dir, partial_dir=partial_dir(self.settings, index)).clear_partial_writes()
+                own = FileStore(self.settings.storage_dir, partial_dir=partial_dir(self.settings, index))
+                stray = own.clear_partial_writes()
                 if stray:
                     log.info("removed %d partial writes of receiver %d (none was acknowledged)", stray, index)
                 try:
