@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -192,7 +193,8 @@ class RunningNode:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
-            if f"listening on 127.0.0.1:{self.port}" in self.log()[self._log_offset:]:
+            # serve's own line, printed last (the receiver pool logs "... listening on" before it)
+            if re.search(rf"dicom-node \S+ listening on 127\.0\.0\.1:{self.port}\b", self.log()[self._log_offset:]):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"node did not answer within {timeout}s:\n{self.log()}")
